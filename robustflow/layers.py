@@ -1,0 +1,67 @@
+"""Layers around the residual steps: input centering and the classification head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from certify.spectral import SAFETY, matrix_singular_values
+
+
+class Centering(nn.Module):
+    """``x ↦ (x − μ) / σ`` per channel; ``Lip = 1 / min σ`` (1 without scaling).
+
+    Both vectors are buffers, so they travel with the weights and the bound.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float] | None = None):
+        super().__init__()
+        mean_t = torch.tensor([float(m) for m in mean])
+        std_t = torch.ones_like(mean_t) if std is None else torch.tensor([float(s) for s in std])
+        if std_t.shape != mean_t.shape:
+            raise ValueError(f"mean has {mean_t.numel()} channels but std has {std_t.numel()}")
+        if not bool((std_t > 0).all()):
+            raise ValueError(f"std must be positive, got {std_t.tolist()}")
+        self.register_buffer("mean", mean_t.view(-1, 1, 1))
+        self.register_buffer("std", std_t.view(-1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.mean.shape[0]:
+            raise ValueError(
+                f"Centering expects images (batch, {self.mean.shape[0]}, H, W), got {tuple(x.shape)}"
+            )
+        return (x - self.mean) / self.std
+
+    def lipschitz_bound(self) -> float:
+        return 1.0 / float(self.std.min().double()) * (1 + SAFETY)
+
+
+class _SpectralNormalization(nn.Module):
+    """``V ↦ V / max(1, ‖V‖₂)`` with the exact spectral norm (an SVD, not power iteration)."""
+
+    def forward(self, v: Tensor) -> Tensor:
+        return v / torch.clamp(torch.linalg.matrix_norm(v, ord=2), min=1.0)
+
+
+class NormalizedLinear(nn.Linear):
+    """Linear head ``x ↦ W x + c`` with ``W = V / max(1, ‖V‖₂)``, so ``‖W‖ ≤ 1``.
+
+    Rows stay free (unlike an orthogonal head) so the pairwise certificate
+    ``(f_y − f_j) / ‖w_y − w_j‖`` can use their geometry.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        parametrize.register_parametrization(self, "weight", _SpectralNormalization())
+
+    def lipschitz_bound(self) -> float:
+        return float(matrix_singular_values(self.weight)[0]) * (1 + SAFETY)
+
+    def export(self) -> nn.Linear:
+        plain = nn.Linear(self.in_features, self.out_features)
+        plain.weight.data.copy_(self.weight.detach())
+        plain.bias.data.copy_(self.bias.detach())
+        return plain

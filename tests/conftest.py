@@ -1,0 +1,34 @@
+"""Shared helpers for the property tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def jacobian_norm(fn, x: torch.Tensor) -> float:
+    """Exact spectral norm of the Jacobian of ``fn`` at one sample ``x`` (float64)."""
+    flat = x.reshape(-1)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return fn(v.reshape(1, *x.shape)).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, flat)
+    return float(torch.linalg.matrix_norm(jac.double(), ord=2))
+
+
+def push_output_norm(module: torch.nn.Module, shape: tuple[int, ...], steps: int = 20) -> None:
+    """Optimiser steps that try to make ``module`` as expansive as possible."""
+    opt = torch.optim.Adam(module.parameters(), lr=0.05)
+    for _ in range(steps):
+        x = torch.randn(8, *shape, dtype=torch.float64)
+        delta = 1e-2 * torch.randn_like(x)
+        loss = -(module(x + delta) - module(x)).pow(2).sum() / delta.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()

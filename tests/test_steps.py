@@ -1,0 +1,195 @@
+"""Each step's proven bound against the exact Jacobian norm, and its invariant."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from robustflow.activations import Sigma
+from robustflow.layers import Centering, NormalizedLinear
+from robustflow.operators import ChannelMix, ConvOperator, DenseOperator, OrthogonalConv
+from robustflow.steps import (
+    ContractiveStep,
+    EulerStep,
+    ExpansiveContractivePair,
+    ExpansiveStep,
+    FixedStepSizes,
+    LearnedStepSizes,
+    MassPreservingStep,
+    VolumePreservingStep,
+    check_pair_rule,
+    contraction_factor,
+)
+from tests.conftest import jacobian_norm, push_output_norm
+
+IMG = (2, 8, 8)
+
+
+def _pair(shape=IMG) -> ExpansiveContractivePair:
+    if len(shape) == 1:
+        make = lambda: DenseOperator(shape[0], shape[0])  # noqa: E731
+    else:
+        make = lambda: OrthogonalConv(shape[0], shape[1])  # noqa: E731
+    return ExpansiveContractivePair(ExpansiveStep(make()), ContractiveStep(make()), LearnedStepSizes())
+
+
+LAYERS = {
+    "sigma": (lambda: Sigma(), IMG),
+    "contractive-conv": (lambda: ContractiveStep(OrthogonalConv(2, 8), 0.4), IMG),
+    "contractive-dense-tall": (lambda: ContractiveStep(DenseOperator(6, 9), 0.5), (6,)),
+    "contractive-free-conv": (lambda: ContractiveStep(ConvOperator(2, 3, 8), 0.3), IMG),
+    "expansive-conv": (lambda: ExpansiveStep(OrthogonalConv(2, 8), 0.15), IMG),
+    "pair-conv": (_pair, IMG),
+    "pair-dense": (lambda: _pair((6,)), (6,)),
+    "euler-conv": (lambda: EulerStep(ConvOperator(2, 3, 8), ConvOperator(3, 2, 8), 0.7), IMG),
+    "volume": (lambda: VolumePreservingStep(3, 0.5), (6,)),
+    "mass": (lambda: MassPreservingStep(4, 0.2), (4,)),
+    "lift": (lambda: ChannelMix(2, 5, 8), IMG),
+    "down-mix": (lambda: ChannelMix(8, 3, 4), (8, 4, 4)),
+    "centering": (lambda: Centering([0.5, 0.4], [0.5, 0.25]), IMG),
+    "head": (lambda: NormalizedLinear(6, 3), (6,)),
+}
+
+
+def _check_bound(layer: torch.nn.Module, shape: tuple[int, ...], points: int = 4) -> None:
+    bound = layer.lipschitz_bound()
+    for _ in range(points):
+        x = torch.randn(*shape, dtype=torch.float64)
+        assert jacobian_norm(layer, x) <= bound * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_bound_holds_before_and_after_adversarial_training(name: str) -> None:
+    make, shape = LAYERS[name]
+    layer = make().double()
+    _check_bound(layer, shape)
+    if any(p.requires_grad for p in layer.parameters()):
+        push_output_norm(layer, shape)
+        _check_bound(layer, shape)
+
+
+def test_bounds_are_tight_for_linear_parts() -> None:
+    mix = ChannelMix(2, 5, 8).double()
+    x = torch.randn(*IMG, dtype=torch.float64)
+    assert jacobian_norm(mix, x) == pytest.approx(mix.lipschitz_bound(), rel=1e-5)
+    conv = ConvOperator(2, 3, 8).double()
+    assert jacobian_norm(conv, x) == pytest.approx(conv.lipschitz_bound(), rel=1e-5)
+
+
+def test_contractive_bound_is_at_most_the_paper_factor() -> None:
+    for h in (0.15, 0.3, 0.5, 0.9):
+        step = ContractiveStep(OrthogonalConv(4, 6), h)
+        assert step.lipschitz_bound() <= contraction_factor(h) + 1e-5
+        assert step.lipschitz_bound() == pytest.approx(1 - h / 2, abs=1e-5)
+
+
+def test_contractive_step_contracts_at_the_stated_rate() -> None:
+    step = ContractiveStep(OrthogonalConv(2, 8), 0.5).double()
+    x = torch.randn(16, *IMG, dtype=torch.float64)
+    y = x + 0.1 * torch.randn_like(x)
+    ratio = (step(x) - step(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert float(ratio.max().detach()) <= 0.75 + 1e-6
+
+
+def test_orthogonality_survives_optimiser_steps() -> None:
+    conv, dense = OrthogonalConv(4, 6).double(), DenseOperator(5, 7).double()
+    opt = torch.optim.SGD([*conv.parameters(), *dense.parameters()], lr=0.5)
+    for _ in range(10):
+        x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+        loss = (conv(x) ** 3).sum() + (dense(torch.randn(3, 5, dtype=torch.float64)) ** 3).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sv = conv.singular_values()
+        assert float((sv - 1).abs().max()) < 1e-5
+        w = dense.weight
+        assert torch.allclose(w.T @ w, torch.eye(5, dtype=torch.float64), atol=1e-5)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert torch.allclose(conv.adjoint(conv(x)), x, atol=1e-5)
+
+
+def test_adjoint_is_exact() -> None:
+    for op in (OrthogonalConv(3, 5), ConvOperator(2, 4, 5), ChannelMix(3, 2, 5)):
+        op = op.double()
+        x = torch.randn(2, *op.in_shape, dtype=torch.float64)
+        y = torch.randn(2, *op.out_shape, dtype=torch.float64)
+        assert float((op(x) * y).sum()) == pytest.approx(float((x * op.adjoint(y)).sum()), abs=1e-9)
+
+
+def test_pair_rule_holds_after_every_optimiser_step() -> None:
+    pair = _pair()
+    sizes = list(pair.step_sizes.parameters())
+    weights = [p for p in pair.parameters() if all(p is not q for q in sizes)]
+    # huge steps on the step sizes push h_E and h_C hard against their limits
+    opt = torch.optim.SGD([{"params": sizes, "lr": 50.0}, {"params": weights, "lr": 0.05}])
+    for _ in range(20):
+        x = torch.randn(4, *IMG)
+        loss = -pair(x).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        h_e, h_c = (float(v) for v in pair.step_sizes())
+        assert 0.15 - 1e-6 <= h_c <= 0.5 + 1e-6
+        assert math.sqrt(1 - h_c + h_c * h_c) * (1 + h_e) <= 1 + 1e-6
+        assert pair.lipschitz_bound() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize(
+    ("h_e", "h_c", "fragment"),
+    [(0.3, 0.5, "h_E=0.3, h_C=0.5"), (0.0, 1.2, "h_C must lie in (0, 1)"), (-0.1, 0.5, "break")],
+)
+def test_step_sizes_that_break_the_rule_raise(h_e: float, h_c: float, fragment: str) -> None:
+    with pytest.raises(ValueError, match="h_") as info:
+        FixedStepSizes(h_e, h_c)
+    assert fragment in str(info.value)
+    with pytest.raises(ValueError):
+        check_pair_rule(h_e, h_c)
+    FixedStepSizes(0.15, 0.5)  # sqrt(3)/2 · 1.15 = 0.9959 ≤ 1
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda: OrthogonalConv(1, 8), "at least 2 channels"),
+        (lambda: OrthogonalConv(4, 8, kernel_size=2), "odd"),
+        (lambda: DenseOperator(0, 3), "in_features must be a positive integer"),
+        (lambda: LearnedStepSizes((0.5, 1.5)), "0 < lo <= hi < 1"),
+        (lambda: ExpansiveStep(ChannelMix(2, 3, 4)), "square operator"),
+        (lambda: ContractiveStep(DenseOperator(3, 3), step_size=-1.0), "finite number"),
+        (lambda: Centering([0.5], [0.0]), "std must be positive"),
+    ],
+)
+def test_invalid_configurations_say_what_is_wrong(make, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        make()
+
+
+def test_wrongly_shaped_input_gives_a_clear_error() -> None:
+    step = ContractiveStep(OrthogonalConv(2, 8))
+    with pytest.raises(ValueError, match=r"expects input of shape \(batch, 2, 8, 8\), got \(1, 3, 8, 8\)"):
+        step(torch.zeros(1, 3, 8, 8))
+
+
+def test_volume_preserving_step_has_unit_determinant_and_exact_inverse() -> None:
+    step = VolumePreservingStep(4, 0.8).double()
+    for p in step.parameters():  # non-trivial parameters
+        torch.nn.init.normal_(p, std=0.7)
+    for _ in range(5):
+        x = torch.randn(8, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda v: step(v[None])[0], x)
+        assert abs(abs(float(torch.linalg.det(jac))) - 1) < 1e-5
+    x = torch.randn(16, 8, dtype=torch.float64)
+    assert torch.allclose(step.inverse(step(x)), x, atol=1e-5)
+    assert not torch.allclose(step(x), x, atol=1e-2)
+
+
+def test_mass_is_invariant_through_a_deep_stack() -> None:
+    steps = torch.nn.Sequential(*(MassPreservingStep(6, 0.3) for _ in range(12))).double()
+    for p in steps.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.rand(32, 6, dtype=torch.float64)
+    y = steps(x)
+    assert not torch.allclose(x, y, atol=1e-2)
+    assert float((y.sum(1) - x.sum(1)).abs().max()) < 1e-6
