@@ -14,6 +14,15 @@ from certify.bounds import NotCertifiable, lipschitz_bound, split_head
 SHAPE = (2, 6, 6)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors are tiny: one thread is faster, and immune to oversubscribed shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def jacobian_norms(model: nn.Module, xs: torch.Tensor) -> torch.Tensor:
     """Spectral norms of the Jacobians of ``model`` at each sample of the batch ``xs``."""
     jac = torch.func.vmap(torch.func.jacrev(lambda v: model(v.unsqueeze(0)).reshape(-1)))(xs)
