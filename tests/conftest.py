@@ -18,7 +18,7 @@ def jacobian_norm(fn, x: torch.Tensor) -> float:
     def f(v: torch.Tensor) -> torch.Tensor:
         return fn(v.reshape(1, *x.shape)).reshape(-1)
 
-    jac = torch.autograd.functional.jacobian(f, flat)
+    jac = torch.autograd.functional.jacobian(f, flat, vectorize=True)
     return float(torch.linalg.matrix_norm(jac.double(), ord=2))
 
 

@@ -1,0 +1,113 @@
+"""Checkpoints: written atomically, loaded with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of tensors and JSON-serialisable values::
+
+    {"format": "robustflow-checkpoint", "version": 1,
+     "record": {...},            # config, classes, normalisation, eps, epoch, metrics, versions
+     "state_dict": {...},        # model weights (parametrisation originals included)
+     "training": {...} | None}   # optimiser state, step counter, RNG state (for --resume)
+
+Everything a certificate depends on (step sizes, centering, weights) is in ``state_dict``;
+the bound is recomputed from it on load, never trusted from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustflow.errors import UserError
+from robustflow.networks import ImageClassifier, NetworkConfig
+
+FORMAT = "robustflow-checkpoint"
+VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a checkpoint was made with."""
+    import geotorch
+    import torchvision
+
+    from robustflow import __version__
+
+    return {"robustflow": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "geotorch": getattr(geotorch, "__version__", "?"),
+            "python": platform.python_version()}
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename.
+
+    A crash or kill at any moment leaves either the old file or the new one, never a
+    partial file under ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, record: dict[str, Any],
+                    training: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights with ``record`` (must be JSON-serialisable)."""
+    try:  # the round trip also turns str subclasses (torch.__version__) into plain str
+        record = json.loads(json.dumps(record))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint record must be JSON-serialisable: {err}") from None
+    payload = {"format": FORMAT, "version": VERSION, "record": record,
+               "state_dict": model.state_dict(), "training": training}
+    return atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely; a :class:`UserError` if it is missing, corrupt or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated or unsafe): "
+                        f"{first[:200]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a robustflow model checkpoint")
+    if payload.get("version") != VERSION:
+        raise UserError(f"{path} has checkpoint version {payload.get('version')}, "
+                        f"this robustflow reads version {VERSION}")
+    return payload
+
+
+def model_from_checkpoint(path: str | os.PathLike,
+                          map_location: str | torch.device = "cpu") -> tuple[ImageClassifier, dict]:
+    """Rebuild the model a checkpoint describes, in eval mode, with its record."""
+    payload = load_checkpoint(path, map_location)
+    record = payload["record"]
+    try:
+        config = NetworkConfig.from_dict(record["config"])
+        model = ImageClassifier(config)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{path} does not describe a model this robustflow can build: "
+                        f"{first[:200]}") from None
+    return model.to(map_location).eval(), record

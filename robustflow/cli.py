@@ -1,0 +1,271 @@
+"""``robustflow``: the command line, a thin layer over the public functions."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from certify import parse_epsilons
+from robustflow.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _epsilons(text: str) -> list[tuple[str, float]]:
+    try:
+        return parse_epsilons(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _add_model_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="robustflow checkpoint (default: the bundled 1-Lipschitz model)")
+    p.add_argument("--data-root", help="folder containing cifar-10-batches-py/ "
+                   "(default: the bundled 1,000-image test sample)")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--limit", type=_positive_int, help="first N images only")
+    p.add_argument("--batch-size", type=_positive_int, default=250)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="robustflow", description=(
+        "Certified robustness with networks that are discretised dynamical systems: "
+        "train 1-Lipschitz networks, certify them, attack them."))
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a classifier on CIFAR-10 (checkpoint every epoch)")
+    defaults = _train_defaults()
+    t.add_argument("--preset", default=defaults.preset, help="tiny, small (default) or paper")
+    t.add_argument("--kind", default=defaults.kind, choices=("lipschitz", "euler"))
+    t.add_argument("--data-root", help="folder containing cifar-10-batches-py/ (default $ROBUSTFLOW_DATA)")
+    t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root")
+    t.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
+    t.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    t.add_argument("--optimizer", choices=("sgd", "adam"), default=defaults.optimizer)
+    t.add_argument("--lr", type=float, default=defaults.lr)
+    t.add_argument("--momentum", type=float, default=defaults.momentum)
+    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    t.add_argument("--schedule", choices=("cosine", "step", "constant"), default=defaults.schedule)
+    t.add_argument("--loss", choices=("cce", "hinge", "ce"), default=defaults.loss,
+                   help="cce: certified cross-entropy (default); hinge: the paper's multi-class hinge")
+    t.add_argument("--margin", type=float, default=defaults.margin, help="hinge margin m")
+    t.add_argument("--train-eps", type=_one_eps, default=defaults.train_eps,
+                   help="cce: ε whose certificate the loss aims for")
+    t.add_argument("--temperature", type=float, default=defaults.temperature)
+    t.add_argument("--eps", type=_one_eps, default=defaults.cert_eps, dest="cert_eps",
+                   help="ε of the certified accuracy printed after each epoch (default 36/255)")
+    t.add_argument("--seed", type=int, default=defaults.seed)
+    t.add_argument("--device", default=defaults.device)
+    t.add_argument("--limit", type=_positive_int, help="train on the first N images only")
+    t.add_argument("--val-size", type=int, default=defaults.val_size,
+                   help="held-out test images evaluated after each epoch")
+    t.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--out", default=defaults.out, help="checkpoint file")
+    t.add_argument("--resume", action="store_true", help="continue from --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(run=_train)
+
+    c = sub.add_parser("certify", help="certified accuracy and radii of a model")
+    _add_model_data(c)
+    c.add_argument("--eps", type=_epsilons, default=_epsilons("36/255,0.3"),
+                   help="comma-separated ε values, decimals or fractions (default 36/255,0.3)")
+    c.add_argument("--json", help="write the report here")
+    c.add_argument("--per-sample", help="write per-sample certificates (CSV) here")
+    c.set_defaults(run=_certify)
+
+    a = sub.add_parser("attack", help="robust accuracy under PGD or a foolbox attack")
+    _add_model_data(a)
+    a.add_argument("--attack", default="pgd-l2", help="pgd-l2, pgd-linf or foolbox:NAME")
+    a.add_argument("--eps", type=_epsilons, default=_epsilons("36/255,0.3"))
+    a.add_argument("--steps", type=_positive_int, default=10)
+    a.add_argument("--restarts", type=_positive_int, default=1)
+    a.add_argument("--target", help="targeted attack towards this class (index or name)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--json", help="write the report here")
+    a.add_argument("--save-adv", help="write adversarial images (.npz) here")
+    a.set_defaults(run=_attack)
+    return parser
+
+
+def _one_eps(text: str) -> float:
+    return _epsilons(text)[0][1]
+
+
+def _version() -> str:
+    from robustflow import __version__
+
+    return f"robustflow {__version__}"
+
+
+def _train_defaults():
+    from robustflow.train import TrainConfig
+
+    return TrainConfig()
+
+
+# ----------------------------------------------------------------- sub-commands
+
+
+def _train(args: argparse.Namespace) -> int:
+    from robustflow.train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    cfg = TrainConfig(**values, augment=not args.no_augment, progress=not args.no_progress)
+    _, record = train(cfg, data_root=args.data_root, download=args.download)
+    print(f"saved {cfg.out} after epoch {record['epoch']}"
+          + (f" (stopped: {record['stopped']})" if record.get("stopped") else ""))
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from robustflow.data import load_cifar10
+    from robustflow.pretrained import load_model, load_sample_set
+    from robustflow.train import resolve_device
+
+    device = resolve_device(args.device)
+    name = args.checkpoint or "lipschitz"
+    model = load_model(name, device)
+    if args.data_root:
+        data = load_cifar10(args.data_root, args.split == "train", limit=args.limit)
+        source = f"CIFAR-10 {args.split} split"
+    else:
+        data = load_sample_set()
+        data = data.subset(slice(0, args.limit)) if args.limit else data
+        source = "bundled test sample"
+    label = Path(name).name if args.checkpoint else "bundled lipschitz"
+    return model, data, device, label, source
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from certify import NotCertifiable
+    from robustflow.evaluation import certify_dataset
+
+    model, data, device, label, source = _load(args)
+    try:
+        report = certify_dataset(model, data, args.eps, batch_size=args.batch_size, device=device,
+                                 progress=not args.no_progress, name=label)
+    except NotCertifiable as err:
+        raise UserError(f"{label} cannot be certified: {err}") from None
+    print(f"{label} on {report.n} images ({source}); Lipschitz bound {report.lipschitz_bound:.6f}, "
+          f"{report.method} certificates")
+    rows = [(eps, report.clean_accuracy, acc) for eps, acc in report.certified_accuracy.items()]
+    _table(("eps", "clean", "certified"), rows)
+    print("certified radius quantiles: " + ", ".join(
+        f"q{k}={v:.3f}" for k, v in report.radius_quantiles.items()))
+    if args.json:
+        _write(args.json, lambda p: report.to_json(p))
+    if args.per_sample:
+        _write(args.per_sample, lambda p: report.to_csv(p))
+    return 0
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from robustflow.data import CLASSES
+    from robustflow.evaluation import attack_dataset
+
+    target = _class_index(args.target, CLASSES) if args.target is not None else None
+    if not (args.attack in ("pgd-l2", "pgd-linf") or args.attack.startswith("foolbox:")):
+        raise UserError(f"unknown attack {args.attack!r}; use pgd-l2, pgd-linf or foolbox:NAME "
+                        "(e.g. foolbox:DDNAttack)")
+    model, data, device, label, source = _load(args)
+    try:
+        report = attack_dataset(model, data, args.attack, args.eps, steps=args.steps,
+                                restarts=args.restarts, target=target, seed=args.seed,
+                                batch_size=args.batch_size, device=device,
+                                progress=not args.no_progress, keep_adversarials=bool(args.save_adv),
+                                name=label)
+    except ValueError as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{label} on {report.n} images ({source}); {args.attack}, {args.steps} steps, "
+          f"{args.restarts} restart(s)" + (f", target {CLASSES[target]}" if target is not None else ""))
+    cert = report.certified_accuracy or {}
+    rows = [(eps, report.clean_accuracy, cert.get(eps), acc)
+            for eps, acc in report.robust_accuracy.items()]
+    _table(("eps", "clean", "certified", "robust"), rows)
+    if args.json:
+        _write(args.json, lambda p: report.to_json(p))
+    if args.save_adv:
+        _write(args.save_adv, lambda p: np.savez_compressed(
+            p, **{f"eps_{i}": v for i, v in enumerate(report.adversarials.values())},
+            epsilons=np.array(list(report.adversarials))))
+    return 0
+
+
+def _class_index(text: str, classes: Sequence[str]) -> int:
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    if text in classes:
+        return classes.index(text)
+    raise UserError(f"unknown target class {text!r}; use 0-{len(classes) - 1} or one of "
+                    f"{', '.join(classes)}")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        return f"{100 * v:.1f}%" if isinstance(v, float) else str(v)
+
+    cells = [list(header)] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _write(path: str, writer) -> None:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        writer(target)
+    except OSError as err:
+        raise UserError(f"cannot write {target}: {err.strerror or err}") from None
+    print(f"wrote {target}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except UserError as err:
+        print(f"robustflow: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

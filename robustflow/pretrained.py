@@ -1,0 +1,80 @@
+"""The bundled models and test sample: the embedded default everything runs on offline.
+
+``assets/`` holds ``lipschitz.pt`` (the default 1-Lipschitz model), ``baseline.pt`` (the
+unconstrained Euler-ResNet of the same shape, trained the same way) and
+``cifar10_sample.npz`` (1,000 CIFAR-10 test images, 100 per class, uint8). Loading needs
+no network; ``README.md`` records how each was made and what it measures.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from robustflow.checkpoint import model_from_checkpoint
+from robustflow.data import CLASSES, ImageSet
+from robustflow.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODELS = {"lipschitz": "lipschitz.pt", "baseline": "baseline.pt"}
+SAMPLE = "cifar10_sample.npz"
+
+
+def model_path(name: str) -> Path:
+    """Path of a bundled model (``"lipschitz"`` or ``"baseline"``)."""
+    if name not in MODELS:
+        raise UserError(f"unknown bundled model {name!r}; choose one of {sorted(MODELS)}")
+    path = ASSETS / MODELS[name]
+    if not path.is_file():
+        raise UserError(f"the bundled model {path.name} is missing from {ASSETS}; reinstall robustflow")
+    return path
+
+
+def load_model(name_or_path: str | os.PathLike = "lipschitz",
+               device: str | torch.device = "cpu") -> nn.Module:
+    """A bundled model by name, or any robustflow checkpoint by path, in eval mode."""
+    key = str(name_or_path)
+    path = model_path(key) if key in MODELS else Path(key)
+    model, _ = model_from_checkpoint(path, device)
+    return model
+
+
+def load_test_sample(path: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
+    """The bundled test sample: images float32 (N, 3, 32, 32) in [0, 1] and int64 labels."""
+    sample = load_sample_set(path)
+    return sample.floats()
+
+
+def load_sample_set(path: str | os.PathLike | None = None) -> ImageSet:
+    """The bundled sample (or a file written by :func:`write_sample`) as an ImageSet."""
+    path = Path(path) if path is not None else ASSETS / SAMPLE
+    if not path.is_file():
+        raise UserError(f"test sample not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images, labels = data["images"], data["labels"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path} is not a robustflow test sample ({err})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3 or len(labels) != len(images):
+        raise UserError(f"{path} must hold uint8 images (N, 3, H, W) and N labels")
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), CLASSES)
+
+
+def balanced_indices(labels: Tensor, per_class: int) -> Tensor:
+    """The first ``per_class`` indices of every class, in data order."""
+    picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(int(labels.max()) + 1)]
+    return torch.sort(torch.cat(picks)).values
+
+
+def write_sample(test_set: ImageSet, path: str | os.PathLike, per_class: int = 100) -> Path:
+    """Save the first ``per_class`` test images of each class as a compressed array."""
+    index = balanced_indices(test_set.labels, per_class)
+    path = Path(path)
+    np.savez_compressed(path, images=test_set.images[index].numpy(),
+                        labels=test_set.labels[index].numpy().astype(np.int64),
+                        test_index=index.numpy())
+    return path

@@ -1,0 +1,293 @@
+"""Training certified classifiers on CIFAR-10 (single process or torchrun + DDP)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from certify import Certifier
+from robustflow.checkpoint import library_versions, load_checkpoint, save_checkpoint
+from robustflow.data import ImageSet, augment, load_cifar10
+from robustflow.errors import UserError
+from robustflow.losses import LOSSES, make_loss
+from robustflow.networks import ImageClassifier, NetworkConfig, build_model, preset
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``robustflow train`` (saved in the checkpoint record)."""
+
+    preset: str = "small"
+    kind: str = "lipschitz"
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    loss: str = "cce"
+    margin: float = 0.15
+    train_eps: float = 0.25
+    temperature: float = 0.25
+    cert_eps: float = 36 / 255
+    seed: int = 0
+    device: str = "auto"
+    limit: int | None = None
+    val_size: int = 1000
+    time_budget: float | None = None
+    augment: bool = True
+    out: str = "runs/model.pt"
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (self.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam, got {self.optimizer!r}"),
+            (self.schedule in ("cosine", "step", "constant"),
+             f"--schedule must be cosine, step or constant, got {self.schedule!r}"),
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.limit is None or self.limit >= 1, f"--limit must be ≥ 1, got {self.limit}"),
+            (self.val_size >= 0, f"--val-size must be ≥ 0, got {self.val_size}"),
+            (self.time_budget is None or self.time_budget > 0,
+             f"--time-budget must be > 0 seconds, got {self.time_budget}"),
+            (self.train_eps >= 0 and self.cert_eps >= 0, "ε values must be ≥ 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def network_config(self) -> NetworkConfig:
+        try:
+            return preset(self.preset, kind=self.kind)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is a :class:`UserError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def learning_rate(base: float, schedule: str, progress: float) -> float:
+    """Learning rate at training progress ``p ∈ [0, 1]``: cosine, step (÷10 at 1/3, 2/3) or constant."""
+    p = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "step":
+        return base * 0.1 ** min(int(p * 3), 2)
+    return base
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def evaluate(model: nn.Module, data: ImageSet, eps: float, device: torch.device,
+             batch_size: int = 500) -> dict[str, float]:
+    """Clean and certified accuracy at ``eps`` (the bound computed once)."""
+    if len(data) == 0:
+        return {}
+    model.eval()
+    certifier = Certifier(model, tuple(data.images.shape[1:]))
+    correct = certified = 0
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            x, y = data.floats(slice(start, start + batch_size))
+            batch = certifier(x.to(device), y.to(device))
+            correct += int(batch.correct.sum())
+            certified += int((batch.correct & (batch.radius > eps)).sum())
+    model.train()
+    return {"clean_accuracy": correct / len(data), "certified_accuracy": certified / len(data),
+            "lipschitz_bound": certifier.lipschitz}
+
+
+def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False,
+          train_set: ImageSet | None = None, val_set: ImageSet | None = None,
+          log=print) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Train the model ``cfg`` describes; checkpoint atomically after every epoch.
+
+    ``train_set``/``val_set`` may be given directly (tests); otherwise CIFAR-10 is
+    loaded from ``data_root`` (train split; the first ``val_size`` test images are the
+    held-out split reported after each epoch).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    world = _init_distributed(device)
+    net_config = cfg.network_config()
+    if train_set is None:
+        train_set = load_cifar10(data_root, True, download=download, limit=cfg.limit)
+    elif cfg.limit is not None:
+        train_set = train_set.subset(slice(0, cfg.limit))
+    if val_set is None:
+        val_set = load_cifar10(data_root, False, limit=cfg.val_size) if cfg.val_size else None
+    val_set = val_set.subset(slice(0, cfg.val_size)) if val_set is not None else None
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(net_config).to(device)
+    params = list(model.parameters())
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    else:
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature)
+
+    out = Path(cfg.out)
+    start_epoch, step, history = 0, 0, []
+    if cfg.resume:
+        start_epoch, step, history = _resume(out, model, optimizer, net_config, device)
+        if world.main:
+            log(f"resuming {out} after epoch {start_epoch}")
+    if world.main and not cfg.resume and out.exists():
+        log(f"note: {out} exists and will be overwritten (use --resume to continue it)")
+
+    net = DistributedDataParallel(model) if world.world > 1 else model
+    sampler = DistributedSampler(range(len(train_set)), num_replicas=world.world, rank=world.rank,
+                                 shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = max(1, len(sampler) // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    started = time.monotonic()
+    stopped = None
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1009 + world.rank)
+        model.train()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (cfg.progress and world.main), dynamic_ncols=True)
+        seen = hits = 0
+        loss_sum = 0.0
+        for b in bar:
+            elapsed = time.monotonic() - started
+            progress = step / total_steps
+            if cfg.time_budget:
+                progress = max(progress, elapsed / cfg.time_budget)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg.lr, cfg.schedule, progress)
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            images = train_set.images[idx]
+            if cfg.augment:
+                images = augment(images, gen)
+            x = images.float().div_(255).to(device, non_blocking=True)
+            y = train_set.labels[idx].to(device, non_blocking=True)
+            logits = net(x)
+            loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {float(loss)} at epoch {epoch + 1}, step {b + 1}; the last good "
+                    f"checkpoint is kept at {out}; try a lower --lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += len(y)
+            hits += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{hits / seen:.3f}")
+            if cfg.time_budget and time.monotonic() - started >= cfg.time_budget:
+                stopped = "time budget"
+                break
+        bar.close()
+        train_time = time.monotonic() - started
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                   "train_accuracy": hits / max(seen, 1), "seconds": round(train_time, 1),
+                   "images_per_second": round(step * cfg.batch_size * world.world / max(train_time, 1e-9), 1)}
+        if world.main:
+            if val_set is not None:
+                metrics.update(evaluate(model, val_set, cfg.cert_eps, device))
+            history.append(metrics)
+            log(_epoch_line(metrics, cfg.cert_eps))
+            record = _record(cfg, net_config, train_set, history, stopped)
+            training = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch + 1,
+                        "torch_rng": torch.get_rng_state()}
+            save_checkpoint(out, model, record, training)
+        if stopped:
+            break
+    if world.world > 1:
+        dist.barrier()
+    model.eval()
+    return model, record or _record(cfg, net_config, train_set, history, stopped)
+
+
+def _epoch_line(m: dict[str, Any], eps: float) -> str:
+    line = (f"epoch {m['epoch']:3d}  loss {m['train_loss']:.4f}  train acc {m['train_accuracy']:.3f}"
+            f"  {m['images_per_second']:.0f} img/s")
+    if "clean_accuracy" in m:
+        line += (f"  held-out clean {m['clean_accuracy']:.3f}"
+                 f"  certified@{eps:.4g} {m['certified_accuracy']:.3f}")
+    return line
+
+
+def _record(cfg: TrainConfig, net_config: NetworkConfig, train_set: ImageSet,
+            history: list[dict[str, Any]], stopped: str | None) -> dict[str, Any]:
+    return {
+        "config": net_config.to_dict(),
+        "classes": list(train_set.classes),
+        "normalization": {"mean": list(net_config.mean),
+                          "std": list(net_config.std) if net_config.std else None},
+        "eps": cfg.cert_eps,
+        "train": dataclasses.asdict(cfg),
+        "train_images": len(train_set),
+        "epoch": history[-1]["epoch"] if history else 0,
+        "metrics": history[-1] if history else {},
+        "history": history,
+        "stopped": stopped,
+        "versions": library_versions(),
+    }
+
+
+def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            net_config: NetworkConfig, device: torch.device) -> tuple[int, int, list]:
+    payload = load_checkpoint(path, device)
+    record, training = payload["record"], payload.get("training")
+    if training is None:
+        raise UserError(f"{path} holds no training state to resume from")
+    if NetworkConfig.from_dict(record["config"]) != net_config:
+        raise UserError(f"{path} was trained with another network config; pass the same "
+                        f"--preset/--kind or a new --out")
+    model.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(training["optimizer"])
+    torch.set_rng_state(training["torch_rng"])
+    return int(training["epoch"]), int(training["step"]), list(record.get("history", []))

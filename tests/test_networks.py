@@ -1,0 +1,130 @@
+"""Whole networks: 1-Lipschitz by construction, export, config round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from robustflow.export import export_plain
+from robustflow.networks import (
+    EulerMLP,
+    ImageClassifier,
+    LipschitzMLP,
+    MassPreservingNet,
+    NetworkConfig,
+    VolumePreservingNet,
+    build_model,
+    preset,
+)
+from tests.conftest import jacobian_norm, push_output_norm
+
+TWO_CHANNEL = dict(in_channels=2, mean=(0.5, 0.5))
+
+
+def _max_jacobian_norm(model: torch.nn.Module, shape: tuple[int, ...], points: int = 4) -> float:
+    return max(jacobian_norm(model, torch.rand(*shape, dtype=torch.float64)) for _ in range(points))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(kind="euler")])
+def test_small_image_model_bound_holds_before_and_after_training(overrides: dict) -> None:
+    model = build_model(preset("tiny", **TWO_CHANNEL, **overrides)).double()
+    shape = model.input_shape
+    assert shape == (2, 8, 8)
+    for _ in range(2):
+        bound = model.lipschitz_bound()
+        assert _max_jacobian_norm(model, shape) <= bound * (1 + 1e-5)
+        if not overrides:
+            assert bound <= 1 + 1e-5
+        push_output_norm(model, shape)
+
+
+def test_default_cifar_model_is_one_lipschitz() -> None:
+    model = build_model(preset("small")).double()
+    bound = model.lipschitz_bound()
+    assert bound <= 1 + 1e-5
+    assert _max_jacobian_norm(model, model.input_shape, points=2) <= bound * (1 + 1e-5)
+
+
+def test_paper_preset_has_the_papers_layout() -> None:
+    cfg = preset("paper")
+    model = build_model(cfg)
+    assert cfg.channels == (32, 64, 128) and cfg.steps_per_stage == 8
+    assert sum(len(getattr(model, f"stage{i}")) for i in (1, 2, 3)) * 2 == 24
+    assert model.head.in_features == 2048
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.0e6
+
+
+def test_mlp_is_one_lipschitz_and_baseline_is_bounded() -> None:
+    mlp = LipschitzMLP(5, 3, width=8, pairs=3).double()
+    push_output_norm(mlp, (5,))
+    from certify import lipschitz_bound
+
+    bound = lipschitz_bound(mlp, (5,))
+    assert bound <= 1 + 1e-5
+    assert _max_jacobian_norm(mlp, (5,)) <= bound * (1 + 1e-5)
+    base = EulerMLP(5, 3, width=8, steps=3).double()
+    assert _max_jacobian_norm(base, (5,)) <= lipschitz_bound(base, (5,)) * (1 + 1e-5)
+
+
+def test_structure_preserving_networks_keep_their_invariants() -> None:
+    vp = VolumePreservingNet(8, steps=5).double()
+    for p in vp.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert torch.allclose(vp.inverse(vp(x)), x, atol=1e-5)
+    jac = torch.autograd.functional.jacobian(lambda v: vp(v[None])[0], x[0])
+    assert abs(abs(float(torch.linalg.det(jac))) - 1) < 1e-5
+    mp = MassPreservingNet(5, steps=20).double()
+    for p in mp.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    y = torch.rand(8, 5, dtype=torch.float64)
+    assert float((mp(y).sum(1) - y.sum(1)).abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="even integer"):
+        VolumePreservingNet(7)
+
+
+def test_export_gives_plain_modules_same_outputs_same_bound() -> None:
+    model = build_model(preset("tiny")).eval()
+    push_output_norm(model.double(), model.input_shape, steps=3)
+    model = model.float()
+    plain = export_plain(model)
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    assert not any("geotorch" in type(m).__module__ for m in plain.modules())
+    x = torch.rand(16, *model.input_shape)
+    with torch.no_grad():
+        assert float((plain(x) - model(x)).abs().max()) <= 1e-5
+    assert plain.lipschitz_bound() == pytest.approx(model.lipschitz_bound(), rel=1e-6)
+    # the exported model trains no further constraint: its step sizes are frozen buffers
+    assert all(not p.requires_grad or "step" not in n for n, p in plain.named_parameters())
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = preset("small", kind="euler")
+    again = NetworkConfig.from_dict(dataclasses.asdict(cfg))
+    assert again == cfg
+    model = ImageClassifier(again)
+    assert model.config.kind == "euler"
+    for bad, fragment in [
+        (dict(kind="resnet"), "kind must be one of"),
+        (dict(steps_per_stage=3), "must be even"),
+        (dict(channels=(16, 0)), "positive integer"),
+        (dict(image_size=30), "divisible"),
+        (dict(channels=(4, 32)), "quadruple"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            preset("small", **bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="unknown network config keys"):
+        NetworkConfig.from_dict({"depth": 3})
+
+
+def test_wrong_image_shape_is_reported_clearly() -> None:
+    model = build_model(preset("tiny"))
+    with pytest.raises(ValueError, match=r"expects input of shape"):
+        model(torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"Centering expects images \(batch, 3, H, W\)"):
+        model(torch.rand(2, 8, 8))
