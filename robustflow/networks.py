@@ -111,8 +111,10 @@ class NetworkConfig:
 
 
 PRESETS: dict[str, NetworkConfig] = {
-    # quick tests: 8×8 inputs, two narrow stages
+    # property tests: 8×8 inputs, two narrow stages (small enough for dense Jacobians)
     "tiny": NetworkConfig(channels=(4, 8), steps_per_stage=2, image_size=8),
+    # quick runs on real 32×32 CIFAR images (tests, smoke runs)
+    "micro": NetworkConfig(channels=(4, 8), steps_per_stage=2),
     # the default: chosen for certified accuracy per second of CPU training
     "small": NetworkConfig(channels=(16, 32, 64), steps_per_stage=2),
     # the paper's layout: 32/64/128 channels, 8 residual steps per stage

@@ -33,8 +33,8 @@ class TrainConfig:
     kind: str = "lipschitz"
     epochs: int = 10
     batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.05
+    optimizer: str = "adam"
+    lr: float = 0.005
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
