@@ -104,7 +104,7 @@ class SafeCIFAR10(CIFAR10):
         try:
             meta = _as_str_keys(safe_unpickle(path), path)
             self.classes = [str(c) for c in meta[self.meta["key"]]]
-        except (pickle.UnpicklingError, KeyError, EOFError, ValueError) as err:
+        except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as err:
             raise UserError(f"{path} is not a valid CIFAR-10 meta file ({err})") from None
         if len(self.classes) != 10:
             raise UserError(f"{path} names {len(self.classes)} classes, CIFAR-10 has 10")
@@ -140,9 +140,10 @@ def resolve_data_root(root: str | os.PathLike | None, download: bool = False) ->
         )
     path = Path(chosen).expanduser()
     if not download and not (path / BASE_FOLDER).is_dir():
+        source = "--data-root" if root is not None else f"${DATA_ENV}"
         raise UserError(
-            f"CIFAR-10 not found: {path / BASE_FOLDER} does not exist; point --data-root at the "
-            f"folder containing {BASE_FOLDER}/ or add --download"
+            f"CIFAR-10 not found: {path / BASE_FOLDER} does not exist (location from {source}); "
+            f"point --data-root or {DATA_ENV} at the folder containing {BASE_FOLDER}/ or add --download"
         )
     return path
 
