@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", help="write the report here")
     a.add_argument("--save-adv", help="write adversarial images (.npz) here")
     a.set_defaults(run=_attack)
+
+    p = sub.add_parser("plot", help="pictures: plane-cat or curves")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser, required=True)
+    pc = kinds.add_parser("plane-cat",
+                          help="an airplane the baseline calls cat; the 1-Lipschitz model does not")
+    pc.add_argument("--checkpoint", help="1-Lipschitz model (default: bundled)")
+    pc.add_argument("--baseline", help="unconstrained model (default: bundled baseline)")
+    pc.add_argument("--data-root", help="folder containing cifar-10-batches-py/ (default: bundled sample)")
+    pc.add_argument("--eps", type=_one_eps, default=0.3)
+    pc.add_argument("--index", type=int, help="use this image (an airplane)")
+    pc.add_argument("--pick", choices=("first", "random"), default="first")
+    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--steps", type=_positive_int, default=100)
+    pc.add_argument("--out", default="plane-cat.png", help="output .png, .pdf or .svg")
+    pc.add_argument("--device", default="auto")
+    pc.set_defaults(run=_plot_plane_cat)
+    cu = kinds.add_parser("curves", help="certified and robust accuracy against ε, from JSON reports")
+    cu.add_argument("--certify-report", help="JSON written by robustflow certify --json")
+    cu.add_argument("--attack-report", action="append", default=[],
+                    help="JSON written by robustflow attack --json (repeatable)")
+    cu.add_argument("--out", default="curves.png", help="output .png, .pdf or .svg")
+    cu.set_defaults(run=_plot_curves)
+
+    d = sub.add_parser("demo", help="the main job: certify, attack and draw, on the bundled models")
+    d.add_argument("--out", default="robustflow-demo", help="output folder")
+    d.add_argument("--limit", type=_positive_int, help="first N images of the bundled sample")
+    d.add_argument("--steps", type=_positive_int, default=10, help="PGD steps")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(run=_demo)
     return parser
 
 
@@ -178,7 +208,8 @@ def _certify(args: argparse.Namespace) -> int:
     print("certified radius quantiles: " + ", ".join(
         f"q{k}={v:.3f}" for k, v in report.radius_quantiles.items()))
     if args.json:
-        _write(args.json, lambda p: report.to_json(p))
+        _write(args.json, lambda p: p.write_text(json.dumps(
+            {**report.to_dict(), "radii": report.radii.tolist()}, indent=2)))
     if args.per_sample:
         _write(args.per_sample, lambda p: report.to_csv(p))
     return 0
@@ -215,6 +246,67 @@ def _attack(args: argparse.Namespace) -> int:
         _write(args.save_adv, lambda p: np.savez_compressed(
             p, **{f"eps_{i}": v for i, v in enumerate(report.adversarials.values())},
             epsilons=np.array(list(report.adversarials))))
+    return 0
+
+
+def _plot_plane_cat(args: argparse.Namespace) -> int:
+    from robustflow.data import CLASSES, load_cifar10
+    from robustflow.plots import draw_plane_cat, find_plane_cat, save_figure
+    from robustflow.pretrained import load_model, load_sample_set
+    from robustflow.train import resolve_device
+
+    device = resolve_device(args.device)
+    lipschitz = load_model(args.checkpoint or "lipschitz", device)
+    baseline = load_model(args.baseline or "baseline", device)
+    data = load_cifar10(args.data_root, False) if args.data_root else load_sample_set()
+    images, labels = data.floats()
+    example = find_plane_cat(baseline, lipschitz, images, labels, eps=args.eps, pick=args.pick,
+                             index=args.index, seed=args.seed, steps=args.steps)
+    if example.note:
+        print(example.note)
+    b, lip = example.baseline, example.lipschitz
+    print(f"image {example.index}: baseline {CLASSES[b.clean_prediction]} -> "
+          f"{CLASSES[b.adversarial_prediction]} (‖δ‖={b.norm:.3f}); 1-Lipschitz "
+          f"{CLASSES[lip.clean_prediction]} -> {CLASSES[lip.adversarial_prediction]} "
+          f"(‖δ‖={lip.norm:.3f}, certified radius {example.radius:.3f})")
+    print(f"wrote {save_figure(draw_plane_cat(example, CLASSES), args.out)}")
+    return 0
+
+
+def _plot_curves(args: argparse.Namespace) -> int:
+    from robustflow.plots import curves_from_reports, save_figure
+
+    if not args.certify_report and not args.attack_report:
+        raise UserError("plot curves needs --certify-report and/or --attack-report JSON files "
+                        "(write them with robustflow certify/attack --json)")
+    certify_report = _read_json(args.certify_report) if args.certify_report else None
+    attack_reports = [_read_json(p) for p in args.attack_report]
+    print(f"wrote {save_figure(curves_from_reports(certify_report, attack_reports), args.out)}")
+    return 0
+
+
+def _read_json(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"report not found: {path}") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a JSON report: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON report (an object was expected)")
+    return data
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from robustflow.demo import run_demo
+
+    result = run_demo(args.out, limit=args.limit, steps=args.steps, progress=not args.no_progress)
+    print(f"\nrobustflow demo: {result.rows[0]['eps']} and {result.rows[-1]['eps']} on the bundled "
+          f"sample ({result.seconds:.0f} s)")
+    _table(("eps", "model", "clean", "certified", "PGD-L2"),
+           [(r["eps"], r["model"], r["clean"], r["certified"], r["pgd"]) for r in result.rows])
+    for path in result.files:
+        print(f"wrote {path}")
     return 0
 
 

@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import foolbox as fb
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from attacks import check_evaluation, get_attack
+from attacks import FoolboxAttack, check_evaluation, get_attack, minimal_adversarial_distance
 from certify import CertificationReport, Certifier, NotCertifiable
 from robustflow.data import ImageSet
+from robustflow.export import export_plain
 
 
 def batches(data: ImageSet, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -30,9 +32,10 @@ def certify_dataset(model: nn.Module, data: ImageSet, epsilons: Sequence[tuple[s
                     progress: bool = True, name: str = "model") -> CertificationReport:
     """Certified radii of every image; accuracies at each ``(label, ε)``.
 
-    The Lipschitz bound is computed once (float64, proven) before the single pass.
+    The Lipschitz bound is computed once (float64, proven) before the single pass, on the
+    exported copy of ``model`` (same outputs, same weights, no parametrisation cost).
     """
-    model = model.to(device).eval()
+    model = export_plain(model.to(device)).eval()
     certifier = Certifier(model, tuple(data.images.shape[1:]))
     report = certifier.certify_loader(batches(data, batch_size), [e for _, e in epsilons],
                                       [label for label, _ in epsilons], progress=progress,
@@ -57,6 +60,7 @@ class AttackReport:
     target: int | None = None
     attacked_points: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    min_distances: list[float] | None = None
     adversarials: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,9 +80,10 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
 
     Skipping certified points (and misclassified ones, inside the attack) changes no
     result: a certified point cannot fall, a misclassified one has already fallen. The
-    robust accuracy therefore equals that of the full attack with the same seed.
+    robust accuracy therefore equals that of the full attack with the same seed. The
+    attack runs on the exported copy of ``model`` (same outputs, no parametrisation cost).
     """
-    model = model.to(device).eval()
+    model = export_plain(model.to(device)).eval()
     kwargs: dict[str, Any] = {}
     if attack.startswith("pgd-"):
         kwargs = {"steps": steps, "restarts": restarts, "seed": seed}
@@ -123,6 +128,13 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
             bar.update(len(y))
     bar.close()
     n = len(data)
+    distances = None
+    if _is_minimisation(runner):
+        distances = []
+        for x, y in batches(data, batch_size):
+            found = minimal_adversarial_distance(model, x.to(device), y.to(device),
+                                                 attack.removeprefix("foolbox:"))
+            distances.extend(found.cpu().tolist())
     if certified is not None:
         certified = {k: (correct / n if v != v else v) for k, v in certified.items()}
     return AttackReport(
@@ -130,5 +142,12 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
         clean_accuracy=correct / n,
         robust_accuracy={label: robust_counts[label] / n for label, _ in epsilons},
         certified_accuracy=certified, target=target, attacked_points=attacked, warnings=warnings,
+        min_distances=distances,
         adversarials={k: np.concatenate(v) for k, v in adversarials.items() if v},
     )
+
+
+def _is_minimisation(runner: object) -> bool:
+    """True for foolbox L2 minimisation attacks (DDN, FMN, CW): they yield distances."""
+    return (isinstance(runner, FoolboxAttack) and runner.norm == "l2"
+            and isinstance(runner.attack, fb.attacks.base.MinimizationAttack))

@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {b + 1}; the last good "
+                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {b + 1}; the last good "
                     f"checkpoint is kept at {out}; try a lower --lr"
                 )
             optimizer.zero_grad(set_to_none=True)
