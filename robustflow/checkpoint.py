@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import platform
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +82,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            OSError) as err:
+        with warnings.catch_warnings():  # damaged files warn "Detected pickle protocol N" first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # damaged bytes fail anywhere in the unpickler (IndexError, KeyError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated or unsafe): "
                         f"{first[:200]}") from None

@@ -46,6 +46,18 @@ _ALLOWED_GLOBALS = {
 }
 
 
+#: What unpickling a damaged file raises (besides refusals): bit flips and truncation reach
+#: many corners of the unpickler (bad memo index, unknown encoding, huge lengths, ...).
+_DAMAGED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+            OverflowError, MemoryError)
+
+
+def _first_line(err: BaseException) -> str:
+    """Error messages stay on one line (some unpickler messages span two)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
@@ -104,8 +116,8 @@ class SafeCIFAR10(CIFAR10):
         try:
             meta = _as_str_keys(safe_unpickle(path), path)
             self.classes = [str(c) for c in meta[self.meta["key"]]]
-        except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as err:
-            raise UserError(f"{path} is not a valid CIFAR-10 meta file ({err})") from None
+        except _DAMAGED as err:
+            raise UserError(f"{path} is not a valid CIFAR-10 meta file ({_first_line(err)})") from None
         if len(self.classes) != 10:
             raise UserError(f"{path} names {len(self.classes)} classes, CIFAR-10 has 10")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -118,8 +130,8 @@ class SafeCIFAR10(CIFAR10):
 def _read_batch(path: Path) -> tuple[np.ndarray, list[int]]:
     try:
         entry = _as_str_keys(safe_unpickle(path), path)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise UserError(f"{path} is not a valid CIFAR-10 batch ({err})") from None
+    except _DAMAGED as err:
+        raise UserError(f"{path} is not a valid CIFAR-10 batch ({_first_line(err)})") from None
     images, labels = entry.get("data"), entry.get("labels")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 \
             or images.shape[1] != 3072:

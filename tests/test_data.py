@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,35 @@ def test_empty_meta_file(root: Path) -> None:
 def _write_entry(path: Path, entry) -> None:
     with open(path, "wb") as f:
         pickle.dump(entry, f, protocol=2)
+
+
+@pytest.mark.parametrize("name", ["test_batch", "batches.meta"])
+def test_damaged_files_give_user_errors(tmp_path: Path, name: str) -> None:
+    """Bit flips, truncation and noise: a clean load or a UserError, never another exception."""
+    write_cifar_folder(tmp_path, None, synthetic_set(10, 2))
+    path = tmp_path / BASE_FOLDER / name
+    good = path.read_bytes()
+    rng = random.Random(0)
+    refused = 0
+    for i in range(300):
+        if i % 3 == 0:
+            damaged = rng.randbytes(rng.choice([8, 64, 512]))
+        elif i % 3 == 1:
+            damaged = good[: rng.randrange(len(good))]
+        else:
+            damaged = bytearray(good)
+            for _ in range(rng.randint(1, 3)):
+                damaged[rng.randrange(min(len(good), 300))] = rng.randrange(256)
+        path.write_bytes(bytes(damaged))
+        try:
+            loaded = load_cifar10(tmp_path, train=False)
+        except UserError as err:
+            assert name in str(err) and "\n" not in str(err)
+            refused += 1
+        else:  # a flip in an unimportant byte: what loads must still be well formed
+            assert loaded.images.shape == (10, 3, 32, 32) and loaded.images.dtype == torch.uint8
+            assert len(loaded.classes) == 10 and int(loaded.labels.max()) <= 9
+    assert refused > 200
 
 
 @pytest.mark.parametrize("case, match", [

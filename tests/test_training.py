@@ -1,0 +1,448 @@
+"""Losses, learning-rate schedules, training runs, checkpoints, resume, the NaN guard, DDP.
+
+Training runs use the ``micro`` preset on a small synthetic data set (never the real one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import robustflow.train as train_module
+from robustflow.checkpoint import (
+    FORMAT,
+    atomic_torch_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from robustflow.data import ImageSet, write_cifar_folder
+from robustflow.errors import UserError
+from robustflow.losses import certified_cross_entropy, make_loss, multiclass_hinge
+from robustflow.networks import build_model, preset
+from robustflow.train import TrainConfig, TrainingDiverged, learning_rate, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_set(n: int, seed: int, size: int = 32) -> ImageSet:
+    """``n`` noisy images whose mean colour depends on the class (learnable, not trivial)."""
+    rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(1234).integers(30, 226, size=(10, 3))
+    labels = rng.permutation(np.arange(n) % 10)
+    noise = rng.integers(-30, 31, size=(n, 3, size, size))
+    images = np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+
+
+@pytest.fixture(autouse=True)
+def _no_default_data(monkeypatch) -> None:
+    """A test that forgot to pass data must fail, not read the real data set from the env."""
+    monkeypatch.delenv("ROBUSTFLOW_DATA", raising=False)
+
+
+@pytest.fixture(scope="module")
+def sets() -> tuple[ImageSet, ImageSet]:
+    return synthetic_set(200, 0), synthetic_set(100, 1)
+
+
+def config(out: Path, **changes) -> TrainConfig:
+    base = dict(preset="micro", epochs=2, batch_size=32, val_size=50, device="cpu", progress=False,
+                seed=0, out=str(out))
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, sets):
+    """One uninterrupted two-epoch run: (model, record, checkpoint path)."""
+    out = tmp_path_factory.mktemp("run") / "model.pt"
+    model, record = train(config(out), train_set=sets[0], val_set=sets[1], log=lambda _: None)
+    return model, record, out
+
+
+class Evil:
+    def __init__(self, func, arg) -> None:
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+# ------------------------------------------------------------------ losses and schedules
+
+
+def test_multiclass_hinge_by_hand() -> None:
+    logits = torch.tensor([[1.0, 0.9, -0.2], [0.1, 0.3, 0.2]])
+    labels = torch.tensor([0, 2])
+    # row 0: max(0, 0.9-1+0.15) + max(0, -0.2-1+0.15) = 0.05
+    # row 1: max(0, 0.1-0.2+0.15) + max(0, 0.3-0.2+0.15) = 0.05 + 0.25
+    assert multiclass_hinge(logits, labels, margin=0.15).item() == pytest.approx(0.175, abs=1e-6)
+    assert multiclass_hinge(logits, labels, margin=0.0).item() == pytest.approx(0.05, abs=1e-6)
+    assert make_loss("hinge", margin=0.15)(logits, labels).item() == pytest.approx(0.175, abs=1e-6)
+
+
+def test_certified_cross_entropy() -> None:
+    logits = torch.randn(6, 10)
+    labels = torch.randint(0, 10, (6,))
+    ce = F.cross_entropy(logits, labels)
+    assert torch.allclose(certified_cross_entropy(logits, labels, eps=0.0, temperature=1.0), ce)
+    assert torch.allclose(certified_cross_entropy(logits, labels, eps=0.0, temperature=0.25),
+                          0.25 * F.cross_entropy(logits / 0.25, labels))
+    # ε lowers the true logit by √2 L ε
+    shifted = logits.clone()
+    shifted[torch.arange(6), labels] -= math.sqrt(2) * 2.0 * 0.1
+    assert torch.allclose(certified_cross_entropy(logits, labels, 0.1, lipschitz=2.0, temperature=1.0),
+                          F.cross_entropy(shifted, labels))
+    values = [certified_cross_entropy(logits, labels, eps, temperature=0.25).item()
+              for eps in (0.0, 0.1, 0.3, 1.0)]
+    assert all(a < b for a, b in zip(values, values[1:], strict=False))
+    assert make_loss("cce", eps=0.3, temperature=0.25)(logits, labels).item() == pytest.approx(values[2])
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("mse")
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("cosine", (1.0, 0.5, 0.0)),
+    ("step", (1.0, 0.1, 0.01)),
+    ("constant", (1.0, 1.0, 1.0)),
+])
+def test_learning_rate(schedule: str, expected: tuple[float, float, float]) -> None:
+    for p, e in zip((0.0, 0.5, 1.0), expected, strict=True):
+        assert learning_rate(0.2, schedule, p) == pytest.approx(0.2 * e, abs=1e-12)
+    # out-of-range progress (a time budget overrun) is clamped
+    assert learning_rate(0.2, schedule, 1.7) == pytest.approx(0.2 * expected[2], abs=1e-12)
+    assert learning_rate(0.2, schedule, -0.1) == pytest.approx(0.2, abs=1e-12)
+
+
+def test_step_schedule_boundaries() -> None:
+    assert learning_rate(1.0, "step", 0.33) == 1.0
+    assert learning_rate(1.0, "step", 0.34) == pytest.approx(0.1)
+    assert learning_rate(1.0, "step", 0.67) == pytest.approx(0.01)
+
+
+# ------------------------------------------------------------------ a training run
+
+
+def test_training_lowers_the_loss(run, sets) -> None:
+    model, record, _ = run
+    history = record["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    torch.manual_seed(0)
+    initial = build_model(preset("micro")).eval()
+    x, y = sets[0].floats()
+    loss = make_loss("cce", eps=0.25, temperature=0.25)
+    with torch.no_grad():
+        assert loss(model(x), y).item() < 0.9 * loss(initial(x), y).item()
+    assert 0.0 <= history[1]["clean_accuracy"] <= 1.0
+    assert history[1]["certified_accuracy"] <= history[1]["clean_accuracy"]
+
+
+def test_checkpoint_record_and_reload(run, sets) -> None:
+    model, record, out = run
+    assert out.is_file()
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp files left
+    payload = load_checkpoint(out)
+    assert payload["format"] == FORMAT
+    saved = payload["record"]
+    for key in ("config", "classes", "normalization", "eps", "epoch", "metrics", "versions"):
+        assert key in saved, key
+    assert saved["epoch"] == 2 and saved["metrics"] == record["metrics"]
+    assert saved["eps"] == pytest.approx(36 / 255)
+    assert saved["config"]["channels"] == [4, 8]
+    assert set(saved["versions"]) >= {"robustflow", "torch"}
+    assert payload["training"]["epoch"] == 2 and payload["training"]["step"] == 2 * (200 // 32)
+
+    loaded, loaded_record = model_from_checkpoint(out)
+    assert loaded_record == saved
+    assert not loaded.training
+    x, _ = sets[1].floats(slice(0, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.lipschitz_bound() <= 1 + 1e-5
+
+
+# ------------------------------------------------------------------ checkpoint files
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()],
+                         ids=["OSError", "KeyboardInterrupt"])
+def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path, monkeypatch, error) -> None:
+    path = tmp_path / "model.pt"
+    model = build_model(preset("micro"))
+    save_checkpoint(path, model, {"epoch": 1})
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise error
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(type(error)):
+        save_checkpoint(path, model, {"epoch": 2})
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["record"] == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_atomic_save_replaces_and_creates_folders(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "x.pt"
+    atomic_torch_save({"v": torch.arange(3)}, path)
+    atomic_torch_save({"v": torch.arange(5)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(5))
+    assert [p.name for p in path.parent.iterdir()] == ["x.pt"]
+
+
+def test_record_must_be_json(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        save_checkpoint(tmp_path / "m.pt", build_model(preset("micro")), {"bad": object()})
+    assert not (tmp_path / "m.pt").exists()
+
+
+def _broken_checkpoints(tmp_path: Path, marker: Path) -> dict[str, Path]:
+    good = tmp_path / "good.pt"
+    model = build_model(preset("micro"))
+    save_checkpoint(good, model, {"config": model.config.to_dict()})
+    data = good.read_bytes()
+    files = {
+        "corrupt": os.urandom(4096),
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+    }
+    paths = {}
+    for name, content in files.items():
+        paths[name] = tmp_path / f"{name}.pt"
+        paths[name].write_bytes(content)
+    paths["state_dict"] = tmp_path / "state_dict.pt"
+    torch.save(model.state_dict(), paths["state_dict"])
+    paths["other_version"] = tmp_path / "other_version.pt"
+    torch.save({"format": FORMAT, "version": 99, "record": {}, "state_dict": {}}, paths["other_version"])
+    paths["evil_zip"] = tmp_path / "evil_zip.pt"
+    torch.save({"format": FORMAT, "version": 1, "record": Evil(os.system, f"touch {marker}")},
+               paths["evil_zip"])
+    paths["evil_pickle"] = tmp_path / "evil_pickle.pt"
+    paths["evil_pickle"].write_bytes(pickle.dumps(Evil(eval, f"open({str(marker)!r}, 'w')"), protocol=2))
+    return paths
+
+
+@pytest.mark.parametrize("name, match", [
+    ("corrupt", "not a readable checkpoint"),
+    ("truncated", "not a readable checkpoint"),
+    ("empty", "not a readable checkpoint"),
+    ("state_dict", "not a robustflow model checkpoint"),
+    ("other_version", "version 99"),
+    ("evil_zip", "not a readable checkpoint"),
+    ("evil_pickle", "not a readable checkpoint"),
+])
+def test_unloadable_checkpoints(tmp_path: Path, name: str, match: str) -> None:
+    marker = tmp_path / "pwned"
+    path = _broken_checkpoints(tmp_path, marker)[name]
+    with pytest.raises(UserError, match=match) as err:
+        model_from_checkpoint(path)
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def damaged_variants(good: bytes, count: int, seed: int = 0):
+    """Noise, truncations and bit flips of ``good``, deterministic for ``seed``."""
+    rng = random.Random(seed)
+    for i in range(count):
+        if i % 3 == 0:
+            yield rng.randbytes(rng.choice([16, 64, 512]))
+        elif i % 3 == 1:
+            yield good[: rng.randrange(len(good))]
+        else:
+            damaged = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                damaged[rng.randrange(len(good))] = rng.randrange(256)
+            yield bytes(damaged)
+
+
+def test_damaged_checkpoints_give_user_errors(tmp_path: Path) -> None:
+    """Whatever the damage, loading ends in a one-line UserError or a well-formed model."""
+    good = tmp_path / "good.pt"
+    model = build_model(preset("micro"))
+    save_checkpoint(good, model, {"config": model.config.to_dict()})
+    path = tmp_path / "damaged.pt"
+    refused = 0
+    for damaged in damaged_variants(good.read_bytes(), 180):
+        path.write_bytes(damaged)
+        try:
+            loaded, _ = model_from_checkpoint(path)
+        except UserError as err:
+            assert str(path) in str(err) and "\n" not in str(err)
+            refused += 1
+        else:  # a flip in bytes nobody reads (zip padding, unused record bytes)
+            assert loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert refused >= 120
+
+
+def test_malicious_checkpoint_payloads_are_live(tmp_path: Path) -> None:
+    """Plain unpickling would run them, so the refusal above is what keeps the marker away."""
+    marker = tmp_path / "pwned"
+    path = _broken_checkpoints(tmp_path, marker)["evil_zip"]
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_missing_and_unbuildable_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="checkpoint not found"):
+        model_from_checkpoint(tmp_path / "missing.pt")
+    path = tmp_path / "odd.pt"
+    save_checkpoint(path, build_model(preset("micro")), {"config": {"channels": [4, 8], "wings": 2}})
+    with pytest.raises(UserError, match="does not describe a model"):
+        model_from_checkpoint(path)
+    save_checkpoint(path, build_model(preset("micro")), {"config": preset("tiny").to_dict()})
+    with pytest.raises(UserError, match="does not describe a model"):  # weights of another shape
+        model_from_checkpoint(path)
+
+
+# ------------------------------------------------------------------ resume
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(run, sets, tmp_path: Path, monkeypatch) -> None:
+    reference, reference_record, _ = run
+    out = tmp_path / "model.pt"
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise _Killed  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train(config(out), train_set=sets[0], val_set=sets[1], log=lambda _: None)
+    assert load_checkpoint(out)["record"]["epoch"] == 1
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+
+    torch.manual_seed(123)  # resuming must not depend on the caller's global RNG
+    resumed, record = train(config(out, resume=True), train_set=sets[0], val_set=sets[1],
+                            log=lambda _: None)
+    expected = reference.state_dict()
+    got = resumed.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert record["epoch"] == 2
+    assert [h["train_loss"] for h in record["history"]] == \
+        [h["train_loss"] for h in reference_record["history"]]
+
+
+def test_resume_errors(run, sets, tmp_path: Path) -> None:
+    out = tmp_path / "copy.pt"
+    out.write_bytes(run[2].read_bytes())
+    with pytest.raises(UserError, match="checkpoint not found"):
+        train(config(tmp_path / "none.pt", resume=True, val_size=0), train_set=sets[0], val_set=None)
+    with pytest.raises(UserError, match="another network config"):
+        train(config(out, resume=True, kind="euler", val_size=0), train_set=sets[0], val_set=None)
+    bare = tmp_path / "bare.pt"
+    model = build_model(preset("micro"))
+    save_checkpoint(bare, model, {"config": model.config.to_dict()})
+    with pytest.raises(UserError, match="no training state"):
+        train(config(bare, resume=True, val_size=0), train_set=sets[0], val_set=None)
+
+
+# ------------------------------------------------------------------ NaN guard
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_divergence_keeps_last_good_checkpoint(sets, tmp_path: Path, monkeypatch, bad: str) -> None:
+    out = tmp_path / "model.pt"
+    steps_per_epoch = 200 // 32
+    real_make_loss, real_save = train_module.make_loss, train_module.save_checkpoint
+    calls = {"n": 0}
+    saved: list[bytes] = []
+
+    def make_loss_breaking(*args, **kwargs):
+        loss = real_make_loss(*args, **kwargs)
+
+        def wrapped(logits, labels):
+            calls["n"] += 1
+            value = loss(logits, labels)
+            return value * float(bad) if calls["n"] == steps_per_epoch + 2 else value
+        return wrapped
+
+    def save_and_remember(path, *args, **kwargs):
+        result = real_save(path, *args, **kwargs)
+        saved.append(Path(path).read_bytes())
+        return result
+
+    monkeypatch.setattr(train_module, "make_loss", make_loss_breaking)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_remember)
+    with pytest.raises(TrainingDiverged) as err:
+        train(config(out, epochs=3, val_size=0), train_set=sets[0], val_set=None, log=lambda _: None)
+    assert isinstance(err.value, UserError)
+    message = str(err.value)
+    assert bad in message and str(out) in message and "epoch 2, step 2" in message
+    assert len(saved) == 1 and out.read_bytes() == saved[0]
+    assert load_checkpoint(out)["record"]["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_divergence_on_first_step_writes_nothing(sets, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "make_loss", lambda *a, **k: lambda f, y: f.sum() * float("nan"))
+    out = tmp_path / "model.pt"
+    with pytest.raises(TrainingDiverged, match="nan"):
+        train(config(out, val_size=0), train_set=sets[0], val_set=None, log=lambda _: None)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(lr=0.0), "--lr"),
+    (dict(lr=float("nan")), "--lr"), (dict(optimizer="lbfgs"), "--optimizer"),
+    (dict(schedule="linear"), "--schedule"), (dict(loss="mse"), "--loss"), (dict(limit=0), "--limit"),
+    (dict(val_size=-1), "--val-size"), (dict(time_budget=0.0), "--time-budget"),
+    (dict(train_eps=-0.1), "ε values"), (dict(preset="huge"), "unknown preset"),
+    (dict(device="tpu"), "--device"),
+])
+def test_config_validation(tmp_path: Path, bad: dict, match: str) -> None:
+    cfg = config(tmp_path / "unused.pt", **{"val_size": 0, **bad})
+    with pytest.raises(UserError, match=match):
+        train(cfg, train_set=synthetic_set(10, 0), val_set=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path, sets) -> None:
+    write_cifar_folder(tmp_path / "cifar", *sets)
+    out = tmp_path / "ddp" / "model.pt"
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "robustflow.cli", "train", "--preset", "micro", "--data-root", str(tmp_path / "cifar"),
+               "--epochs", "1", "--batch-size", "32", "--val-size", "20", "--device", "cpu",
+               "--out", str(out), "--no-progress"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"saved {out} after epoch 1") == 1  # only rank 0 reports and saves
+    assert [p.name for p in out.parent.iterdir()] == ["model.pt"]
+    model, record = model_from_checkpoint(out)
+    assert record["epoch"] == 1 and record["train_images"] == 200
+    # each rank took 100 of the 200 images: 3 steps of 32, not the 6 of a single process
+    assert load_checkpoint(out)["training"]["step"] == 100 // 32
+    assert record["history"][0]["epoch"] == 1
+    assert model.lipschitz_bound() <= 1 + 1e-5
