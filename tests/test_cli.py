@@ -1,0 +1,316 @@
+"""The ``robustflow`` command line: train, certify and attack end to end, and bad input.
+
+Runs in-process through :func:`robustflow.cli.main` on a synthetic CIFAR folder and a tiny
+checkpoint trained here; never on the real data set or the bundled models.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from certify import parse_epsilon
+from robustflow.checkpoint import model_from_checkpoint
+from robustflow.cli import main
+from robustflow.data import ImageSet, load_cifar10, write_cifar_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_set(n: int, seed: int, size: int = 32) -> ImageSet:
+    """``n`` noisy images whose mean colour depends on the class (learnable, not trivial)."""
+    rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(1234).integers(30, 226, size=(10, 3))
+    labels = rng.permutation(np.arange(n) % 10)
+    noise = rng.integers(-30, 31, size=(n, 3, size, size))
+    images = np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of ``robustflow ARGV`` (argparse errors exit via SystemExit)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic-cifar")
+    write_cifar_folder(root, synthetic_set(200, 0), synthetic_set(100, 1))
+    return root
+
+
+@pytest.fixture(scope="session")
+def checkpoint(data_root: Path, tmp_path_factory) -> Path:
+    """A micro model trained for two epochs through ``robustflow train``."""
+    out = tmp_path_factory.mktemp("ckpt") / "micro.pt"
+    code = main(["train", "--preset", "micro", "--data-root", str(data_root), "--epochs", "2",
+                 "--batch-size", "32", "--val-size", "20", "--device", "cpu", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0 and out.is_file()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_default_data(monkeypatch) -> None:
+    monkeypatch.delenv("ROBUSTFLOW_DATA", raising=False)
+
+
+# ------------------------------------------------------------------ working runs
+
+
+def test_train_reports_and_saves(data_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m.pt"
+    code, stdout, _ = run(["train", "--preset", "micro", "--data-root", data_root, "--epochs", "1",
+                           "--batch-size", "50", "--limit", "100", "--val-size", "10", "--device", "cpu",
+                           "--out", out, "--no-progress", "--loss", "hinge", "--schedule", "step"], capsys)
+    assert code == 0
+    assert "epoch   1" in stdout and f"saved {out} after epoch 1" in stdout
+    _, record = model_from_checkpoint(out)
+    assert record["train_images"] == 100 and record["train"]["loss"] == "hinge"
+    assert record["train"]["schedule"] == "step" and record["metrics"]["epoch"] == 1
+
+
+def test_certify(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> None:
+    report, per_sample = tmp_path / "out" / "cert.json", tmp_path / "out" / "cert.csv"
+    code, stdout, _ = run(["certify", "--checkpoint", checkpoint, "--data-root", data_root,
+                           "--limit", "50", "--eps", "36/255,0.3", "--json", report,
+                           "--per-sample", per_sample, "--no-progress", "--device", "cpu"], capsys)
+    assert code == 0
+    assert "on 50 images (CIFAR-10 test split)" in stdout
+    header = next(line for line in stdout.splitlines() if line.split()[:1] == ["eps"])
+    assert header.split() == ["eps", "clean", "certified"]
+    assert any(line.split()[:1] == ["36/255"] for line in stdout.splitlines())
+    assert any(line.split()[:1] == ["0.3"] for line in stdout.splitlines())
+
+    data = json.loads(report.read_text())
+    for key in ("model", "lipschitz_bound", "n", "clean_accuracy", "certified_accuracy",
+                "radius_quantiles", "method"):
+        assert key in data, key
+    assert data["n"] == 50 and set(data["certified_accuracy"]) == {"36/255", "0.3"}
+    assert 0 < data["lipschitz_bound"] <= 1 + 1e-5
+    cert = data["certified_accuracy"]
+    assert cert["0.3"] <= cert["36/255"] <= data["clean_accuracy"]
+    quantiles = list(data["radius_quantiles"].values())
+    assert quantiles == sorted(quantiles) and quantiles[0] >= 0
+
+    with open(per_sample, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 50
+    test = load_cifar10(data_root, train=False, limit=50)
+    assert [int(r["label"]) for r in rows] == test.labels.tolist()
+    correct = [int(r["label"]) == int(r["prediction"]) for r in rows]
+    radii = [float(r["radius"]) for r in rows]
+    assert sum(correct) / 50 == pytest.approx(data["clean_accuracy"])
+    for label, eps in (("36/255", 36 / 255), ("0.3", 0.3)):
+        certified = sum(c and r > eps for c, r in zip(correct, radii, strict=True)) / 50
+        assert certified == pytest.approx(cert[label])
+    assert all(r == 0 for c, r in zip(correct, radii, strict=True) if not c)
+
+    model, _ = model_from_checkpoint(checkpoint)  # the table's predictions are the model's
+    with torch.no_grad():
+        predictions = model(test.floats()[0]).argmax(1).tolist()
+    assert predictions == [int(r["prediction"]) for r in rows]
+
+
+def test_attack(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> None:
+    report, adv = tmp_path / "attack.json", tmp_path / "adv.npz"
+    code, stdout, _ = run(["attack", "--checkpoint", checkpoint, "--data-root", data_root,
+                           "--limit", "40", "--steps", "5", "--json", report, "--save-adv", adv,
+                           "--no-progress", "--device", "cpu"], capsys)
+    assert code == 0
+    assert "pgd-l2, 5 steps" in stdout
+    data = json.loads(report.read_text())
+    for key in ("model", "attack", "steps", "restarts", "n", "clean_accuracy", "robust_accuracy"):
+        assert key in data, key
+    assert data["n"] == 40 and data["steps"] == 5 and data["attack"] == "pgd-l2"
+    assert set(data["robust_accuracy"]) == {"36/255", "0.3"}
+    for label, robust in data["robust_accuracy"].items():
+        assert data["certified_accuracy"][label] <= robust <= data["clean_accuracy"], label
+
+    x = load_cifar10(data_root, train=False, limit=40).floats()[0].numpy()
+    with np.load(adv, allow_pickle=False) as saved:
+        labels = [str(v) for v in saved["epsilons"]]
+        assert labels == ["36/255", "0.3"]
+        for i, label in enumerate(labels):
+            images = saved[f"eps_{i}"]
+            assert images.shape == x.shape
+            assert images.min() >= 0 and images.max() <= 1
+            distance = np.sqrt(((images - x) ** 2).reshape(len(x), -1).sum(axis=1))
+            assert distance.max() <= parse_epsilon(label) + 1e-5
+
+
+def test_attack_linf_targeted(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> None:
+    report = tmp_path / "attack.json"
+    code, stdout, _ = run(["attack", "--checkpoint", checkpoint, "--data-root", data_root,
+                           "--limit", "20", "--steps", "3", "--attack", "pgd-linf", "--eps", "2/255",
+                           "--target", "cat", "--json", report, "--no-progress"], capsys)
+    assert code == 0 and "target cat" in stdout
+    data = json.loads(report.read_text())
+    assert data["target"] == 3 and data["attack"] == "pgd-linf"
+    assert data["robust_accuracy"]["2/255"] <= data["clean_accuracy"]
+
+
+def test_bundled_sample(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    report = tmp_path / "cert.json"
+    code, stdout, _ = run(["certify", "--checkpoint", checkpoint, "--limit", "20", "--json", report,
+                           "--no-progress"], capsys)
+    assert code == 0 and "bundled test sample" in stdout
+    assert json.loads(report.read_text())["n"] == 20
+    code, stdout, _ = run(["attack", "--checkpoint", checkpoint, "--limit", "20", "--steps", "2",
+                           "--json", report, "--no-progress"], capsys)
+    assert code == 0 and "bundled test sample" in stdout
+    data = json.loads(report.read_text())
+    assert data["n"] == 20 and data["steps"] == 2
+
+
+def test_help_version_and_no_command(capsys) -> None:
+    code, stdout, _ = run([], capsys)
+    assert code == 0 and "certify" in stdout
+    code, stdout, _ = run(["--version"], capsys)
+    assert code == 0 and stdout.startswith("robustflow ")
+
+
+def _subprocess(*argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "robustflow.cli", *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_real_process_help_and_error(checkpoint: Path, tmp_path: Path) -> None:
+    """Through the real interpreter: exit codes, and no warning lines around the one error line."""
+    done = _subprocess("--help")
+    assert done.returncode == 0, done.stderr
+    for command in ("train", "certify", "attack"):
+        assert command in done.stdout
+    assert done.stderr == ""
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:5000])
+    done = _subprocess("certify", "--checkpoint", corrupt, "--no-progress")
+    assert_one_line_error(done.returncode, done.stderr)
+    assert "not a readable checkpoint" in done.stderr and done.stdout == ""
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def assert_one_line_error(code: int, err: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("robustflow") and "error" in lines[0], err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["certify", "--eps", "-1"], "non-negative"),
+    (["certify", "--eps", "abc"], "neither a number nor a fraction"),
+    (["certify", "--eps", "1/0"], "zero denominator"),
+    (["certify", "--eps", "0.1,"], "epsilon"),
+    (["certify", "--limit", "0"], "≥ 1"),
+    (["attack", "--steps", "0"], "≥ 1"),
+    (["attack", "--attack", "nonsense"], "unknown attack"),
+    (["attack", "--target", "zebra"], "unknown target class"),
+    (["train", "--epochs", "0"], "≥ 1"),
+    (["train", "--eps", "abc"], "neither a number"),
+    (["train", "--optimizer", "lbfgs"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments(argv: list[str], expected: str, checkpoint: Path, capsys) -> None:
+    if argv[0] in ("certify", "attack"):
+        argv = [*argv, "--checkpoint", checkpoint, "--no-progress"]
+    code, stdout, err = run(argv, capsys)
+    assert_one_line_error(code, err)
+    assert expected in err
+
+
+def test_missing_checkpoint(tmp_path: Path, capsys) -> None:
+    for command in ("certify", "attack"):
+        code, _, err = run([command, "--checkpoint", tmp_path / "missing.pt", "--no-progress"], capsys)
+        assert_one_line_error(code, err)
+        assert "checkpoint not found" in err and "missing.pt" in err
+
+
+def test_foreign_and_corrupt_checkpoints(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    model, _ = model_from_checkpoint(checkpoint)
+    foreign, corrupt = tmp_path / "weights.pt", tmp_path / "corrupt.pt"
+    torch.save(model.state_dict(), foreign)
+    corrupt.write_bytes(checkpoint.read_bytes()[:5000])
+    for path, expected in ((foreign, "not a robustflow model checkpoint"),
+                           (corrupt, "not a readable checkpoint")):
+        code, _, err = run(["certify", "--checkpoint", path, "--no-progress"], capsys)
+        assert_one_line_error(code, err)
+        assert expected in err
+
+
+def test_empty_data_root(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in ("certify", "attack"):
+        code, _, err = run([command, "--checkpoint", checkpoint, "--data-root", empty, "--no-progress"],
+                           capsys)
+        assert_one_line_error(code, err)
+        assert "CIFAR-10 not found" in err and "--data-root" in err
+    out = tmp_path / "m.pt"
+    code, _, err = run(["train", "--preset", "micro", "--data-root", empty, "--out", out,
+                        "--device", "cpu", "--no-progress"], capsys)
+    assert_one_line_error(code, err)
+    assert "CIFAR-10 not found" in err
+    code, _, err = run(["train", "--preset", "micro", "--out", out, "--device", "cpu"], capsys)
+    assert_one_line_error(code, err)  # no --data-root and no $ROBUSTFLOW_DATA
+    assert "ROBUSTFLOW_DATA" in err
+    assert list(tmp_path.iterdir()) == [empty]
+
+
+def test_broken_batch_in_data_root(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    write_cifar_folder(tmp_path, None, synthetic_set(10, 3))
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x02}q\x00(X")
+    code, _, err = run(["certify", "--checkpoint", checkpoint, "--data-root", tmp_path, "--no-progress"],
+                       capsys)
+    assert_one_line_error(code, err)
+    assert "test_batch is not a valid CIFAR-10 batch" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(tmp_path: Path, data_root: Path, checkpoint: Path, capsys) -> None:
+    code, _, err = run(["train", "--preset", "micro", "--data-root", data_root, "--device", "cuda",
+                        "--out", tmp_path / "m.pt"], capsys)
+    assert_one_line_error(code, err)
+    assert "no CUDA device" in err
+    code, _, err = run(["certify", "--checkpoint", checkpoint, "--device", "cuda"], capsys)
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_bad_train_values(tmp_path: Path, data_root: Path, capsys) -> None:
+    for extra, expected in ((["--lr", "0"], "--lr"), (["--preset", "enormous"], "unknown preset"),
+                            (["--device", "tpu"], "--device"), (["--time-budget", "-3"], "--time-budget"),
+                            (["--resume"], "checkpoint not found")):
+        code, _, err = run(["train", "--data-root", data_root, "--out", tmp_path / "m.pt",
+                            "--device", "cpu", "--no-progress", *extra], capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, extra
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_report(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run(["certify", "--checkpoint", checkpoint, "--limit", "5", "--no-progress",
+                        "--json", blocker / "report.json"], capsys)
+    assert_one_line_error(code, err)
+    assert "cannot write" in err
