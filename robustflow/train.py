@@ -146,9 +146,10 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
           log=print) -> tuple[ImageClassifier, dict[str, Any]]:
     """Train the model ``cfg`` describes; checkpoint atomically after every epoch.
 
-    ``train_set``/``val_set`` may be given directly (tests); otherwise CIFAR-10 is
-    loaded from ``data_root`` (train split; the first ``val_size`` test images are the
-    held-out split reported after each epoch).
+    ``train_set``/``val_set`` may be given directly (tests, notebooks; no ``val_set`` then
+    means no held-out evaluation); otherwise CIFAR-10 is loaded from ``data_root`` (train
+    split; the first ``val_size`` test images are the held-out split reported after each
+    epoch).
     """
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -156,10 +157,10 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
     net_config = cfg.network_config()
     if train_set is None:
         train_set = load_cifar10(data_root, True, download=download, limit=cfg.limit)
+        if val_set is None and cfg.val_size:
+            val_set = load_cifar10(data_root, False, limit=cfg.val_size)
     elif cfg.limit is not None:
         train_set = train_set.subset(slice(0, cfg.limit))
-    if val_set is None:
-        val_set = load_cifar10(data_root, False, limit=cfg.val_size) if cfg.val_size else None
     val_set = val_set.subset(slice(0, cfg.val_size)) if val_set is not None else None
 
     torch.manual_seed(cfg.seed)
@@ -214,10 +215,10 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
             logits = net(x)
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {b + 1}; the last good "
-                    f"checkpoint is kept at {out}; try a lower --lr"
-                )
+                kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {out}"
+                        if history else "no checkpoint was written")
+                raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {epoch + 1}, "
+                                       f"step {b + 1}; {kept}; try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

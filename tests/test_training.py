@@ -392,6 +392,7 @@ def test_divergence_keeps_last_good_checkpoint(sets, tmp_path: Path, monkeypatch
     assert isinstance(err.value, UserError)
     message = str(err.value)
     assert bad in message and str(out) in message and "epoch 2, step 2" in message
+    assert "last good checkpoint (epoch 1)" in message
     assert len(saved) == 1 and out.read_bytes() == saved[0]
     assert load_checkpoint(out)["record"]["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
@@ -400,7 +401,7 @@ def test_divergence_keeps_last_good_checkpoint(sets, tmp_path: Path, monkeypatch
 def test_divergence_on_first_step_writes_nothing(sets, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(train_module, "make_loss", lambda *a, **k: lambda f, y: f.sum() * float("nan"))
     out = tmp_path / "model.pt"
-    with pytest.raises(TrainingDiverged, match="nan"):
+    with pytest.raises(TrainingDiverged, match="nan.*no checkpoint was written"):
         train(config(out, val_size=0), train_set=sets[0], val_set=None, log=lambda _: None)
     assert not out.exists()
 
