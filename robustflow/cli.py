@@ -266,9 +266,9 @@ def _plot_plane_cat(args: argparse.Namespace) -> int:
         print(example.note)
     b, lip = example.baseline, example.lipschitz
     print(f"image {example.index}: baseline {CLASSES[b.clean_prediction]} -> "
-          f"{CLASSES[b.adversarial_prediction]} (‖δ‖={b.norm:.3f}); 1-Lipschitz "
+          f"{CLASSES[b.adversarial_prediction]} (‖δ‖={b.delta_norm:.3f}); 1-Lipschitz "
           f"{CLASSES[lip.clean_prediction]} -> {CLASSES[lip.adversarial_prediction]} "
-          f"(‖δ‖={lip.norm:.3f}, certified radius {example.radius:.3f})")
+          f"(‖δ‖={lip.delta_norm:.3f}, certified radius {example.radius:.3f})")
     print(f"wrote {save_figure(draw_plane_cat(example, CLASSES), args.out)}")
     return 0
 
