@@ -143,14 +143,17 @@ class Certifier:
         if method not in ("auto", "global", "pairwise"):
             raise ValueError(f"method must be 'auto', 'global' or 'pairwise', got {method!r}")
         self.model = model
-        self.lipschitz = lipschitz_bound(model, input_shape)
         parts = split_head(model) if method != "global" else None
         if method == "pairwise" and parts is None:
             raise ValueError("pairwise certificates need an nn.Sequential ending in nn.Linear")
         self.method = "global" if parts is None else "pairwise"
-        if parts is not None:
+        if parts is None:
+            self.lipschitz = lipschitz_bound(model, input_shape)
+        else:  # L = L_body · ‖head‖, rounded up: the body is bounded once, not twice
             body, head = parts
             self.body_bound = lipschitz_bound(body, input_shape)
+            head_bound = lipschitz_bound(nn.Sequential(head), (head.in_features,))
+            self.lipschitz = math.nextafter(self.body_bound * head_bound, math.inf)
             self.distances = head_distances(head.weight)
 
     def __call__(self, x: Tensor, y: Tensor) -> CertificateBatch:

@@ -76,7 +76,8 @@ def run_demo(out_dir: str | Path = "robustflow-demo", *, limit: int | None = Non
     example = find_plane_cat(models["baseline"], models["lipschitz"], images, labels, eps=0.3,
                              steps=50, restarts=5, max_candidates=32)
     files.append(save_figure(draw_plane_cat(example, CLASSES), out / "plane-cat.png"))
-    robust = {f"PGD-L2 ({name})": {e: attacks[name].robust_accuracy[k] for k, e in TABLE_EPS}
+    robust = {f"PGD-L2 ({name})": {0.0: attacks[name].clean_accuracy,
+                                   **{e: attacks[name].robust_accuracy[k] for k, e in TABLE_EPS}}
               for name in attacks}
     certified = {e: cert.certified_accuracy[k] for k, e in CURVE_EPS}
     fig = draw_curves(certified, robust, cert.clean_accuracy, cert.radii[: distance_points],

@@ -103,6 +103,8 @@ def find_plane_cat(
     (in order, or shuffled with ``seed`` for ``pick="random"``), at most ``max_candidates``,
     attacked in one batch with one start each; the first that flips is taken, else the one
     whose adversarial gives ``target`` the highest probability (then ``note`` says so).
+    Candidates that ``lipschitz`` classifies correctly with a certified radius above
+    ``eps`` come first, so the picture shows a certificate holding where one exists.
     ``index`` skips the search.
     """
     baseline.eval()
@@ -129,7 +131,11 @@ def find_plane_cat(
         if pick == "random":
             candidates = candidates[torch.randperm(len(candidates),
                                                    generator=torch.Generator().manual_seed(seed))]
-        candidates = candidates[:max_candidates]
+        # the talk's picture first: images the 1-Lipschitz model is certified on at ε
+        certificate = Certifier(lipschitz, tuple(images.shape[1:]))(
+            images[candidates].to(device), labels[candidates].to(device))
+        certified = (certificate.correct & (certificate.radius > eps)).cpu()
+        candidates = torch.cat([candidates[certified], candidates[~certified]])[:max_candidates]
         if len(candidates) == 0:
             raise UserError(f"the baseline classifies no {name} in the {len(images)} images "
                             "correctly; pass more images")
