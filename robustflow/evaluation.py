@@ -101,8 +101,6 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
         if certifier is not None:
             radii = torch.cat([certifier(x.to(device), y.to(device)).radius.cpu()
                                for x, y in batches(data, batch_size)])
-            certified = {label: float((radii > eps).float().mean()) if eps > 0 else float("nan")
-                         for label, eps in epsilons}
     robust_counts = {label: 0 for label, _ in epsilons}
     attacked = {label: 0 for label, _ in epsilons}
     adversarials = {label: [] for label, _ in epsilons}
@@ -135,8 +133,9 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
             found = minimal_adversarial_distance(model, x.to(device), y.to(device),
                                                  attack.removeprefix("foolbox:"))
             distances.extend(found.cpu().tolist())
-    if certified is not None:
-        certified = {k: (correct / n if v != v else v) for k, v in certified.items()}
+    if radii is not None:  # radius 0 for misclassified points; at ε = 0 certified = correct
+        certified = {label: float((radii > eps).float().mean()) if eps > 0 else correct / n
+                     for label, eps in epsilons}
     return AttackReport(
         model=name, attack=attack, steps=steps, restarts=restarts, n=n, seed=seed,
         clean_accuracy=correct / n,

@@ -81,7 +81,7 @@ def test_structure_preserving_networks_keep_their_invariants() -> None:
     for p in mp.parameters():
         torch.nn.init.normal_(p, std=0.5)
     y = torch.rand(8, 5, dtype=torch.float64)
-    assert float((mp(y).sum(1) - y.sum(1)).abs().max()) < 1e-6
+    assert float((mp(y).sum(1) - y.sum(1)).abs().max().detach()) < 1e-6
     with pytest.raises(ValueError, match="even integer"):
         VolumePreservingNet(7)
 
