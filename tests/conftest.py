@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+
+from robustflow.data import ImageSet
 
 
 @pytest.fixture(autouse=True)
@@ -32,3 +35,13 @@ def push_output_norm(module: torch.nn.Module, shape: tuple[int, ...], steps: int
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def synthetic_set(n: int, seed: int, size: int = 32) -> ImageSet:
+    """``n`` noisy images whose mean colour depends on the class (learnable, not trivial)."""
+    rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(1234).integers(30, 226, size=(10, 3))
+    labels = rng.permutation(np.arange(n) % 10)
+    noise = rng.integers(-30, 31, size=(n, 3, size, size))
+    images = np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))

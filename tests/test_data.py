@@ -28,18 +28,11 @@ from robustflow.data import (
     write_cifar_folder,
 )
 from robustflow.errors import UserError
+from tests.conftest import synthetic_set
 
 N_TRAIN, N_TEST = 200, 100
 
 
-def synthetic_set(n: int, seed: int, size: int = 32) -> ImageSet:
-    """``n`` noisy images whose mean colour depends on the class (learnable, not trivial)."""
-    rng = np.random.default_rng(seed)
-    palette = np.random.default_rng(1234).integers(30, 226, size=(10, 3))
-    labels = rng.permutation(np.arange(n) % 10)
-    noise = rng.integers(-30, 31, size=(n, 3, size, size))
-    images = np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
 
 
 @pytest.fixture(scope="module")

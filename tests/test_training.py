@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,18 +31,11 @@ from robustflow.errors import UserError
 from robustflow.losses import certified_cross_entropy, make_loss, multiclass_hinge
 from robustflow.networks import build_model, preset
 from robustflow.train import TrainConfig, TrainingDiverged, learning_rate, train
+from tests.conftest import synthetic_set
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synthetic_set(n: int, seed: int, size: int = 32) -> ImageSet:
-    """``n`` noisy images whose mean colour depends on the class (learnable, not trivial)."""
-    rng = np.random.default_rng(seed)
-    palette = np.random.default_rng(1234).integers(30, 226, size=(10, 3))
-    labels = rng.permutation(np.arange(n) % 10)
-    noise = rng.integers(-30, 31, size=(n, 3, size, size))
-    images = np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
 
 
 @pytest.fixture(autouse=True)
