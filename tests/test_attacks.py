@@ -20,6 +20,8 @@ from attacks import (
     robust_accuracy,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES = 4
 
 
@@ -46,14 +48,6 @@ def make_net(train_steps: int) -> nn.Module:
         optimiser.zero_grad(set_to_none=True)
     return net.eval()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose 10x to spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,10 @@ from torch import nn
 
 from certify.bounds import NotCertifiable, lipschitz_bound, split_head
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (2, 6, 6)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors are tiny: one thread is faster, and immune to oversubscribed shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def jacobian_norms(model: nn.Module, xs: torch.Tensor) -> torch.Tensor:

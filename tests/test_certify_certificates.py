@@ -25,17 +25,11 @@ from certify import (
     split_head,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (2, 8, 8)
 EPSILONS = (0.1, 0.3, 0.6, 1.0)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors are tiny: one thread is faster, and immune to oversubscribed shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from robustflow.plots import (
     save_figure,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 AIRPLANE, CAT = 0, 3
 FAST = dict(steps=20, restarts=3, max_candidates=16)
 
@@ -48,14 +50,6 @@ def train(kind: str) -> nn.Module:
         optimiser.step()
     return model.eval()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose 10x to spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
