@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from robustflow.layers import Centering, NormalizedLinear
 from robustflow.operators import ChannelMix, ConvOperator, DenseOperator, OrthogonalConv, _positive
 from robustflow.steps import (
+    PAIR_RULES,
     ContractiveStep,
     EulerStep,
     ExpansiveContractivePair,
@@ -52,6 +53,8 @@ class NetworkConfig:
         num_classes: number of logits.
         h_c_range: range of the learnable contractive step size ``h_C``.
         expansive_share: initial ``h_E / h_E,max`` in ``(0, 1)``.
+        pair_rule: ``"paper"`` (``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``) or ``"exact"``
+            (``(1 − h_C/2)(1 + h_E) ≤ 1``, the contractive step's exact bound).
         euler_step: step size ``h`` of the baseline's Euler steps.
         mean: per-channel input centering; ``std``: optional scaling (enters the bound).
     """
@@ -65,6 +68,7 @@ class NetworkConfig:
     num_classes: int = 10
     h_c_range: tuple[float, float] = (0.15, 0.5)
     expansive_share: float = 0.5
+    pair_rule: str = "paper"
     euler_step: float = 0.5
     mean: tuple[float, ...] = CIFAR10_MEAN
     std: tuple[float, ...] | None = None
@@ -94,6 +98,8 @@ class NetworkConfig:
         for prev, nxt in zip(self.channels, self.channels[1:], strict=False):
             if nxt > 4 * prev:
                 raise ValueError(f"a stage can at most quadruple the width: {prev} -> {nxt}")
+        if self.pair_rule not in PAIR_RULES:
+            raise ValueError(f"pair_rule must be one of {PAIR_RULES}, got {self.pair_rule!r}")
         if len(self.mean) != self.in_channels:
             raise ValueError(f"mean has {len(self.mean)} entries for {self.in_channels} channels")
 
@@ -134,7 +140,7 @@ def _lipschitz_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequent
     for _ in range(cfg.steps_per_stage // 2):
         expansive = ExpansiveStep(OrthogonalConv(channels, size, cfg.kernel_size))
         contractive = ContractiveStep(OrthogonalConv(channels, size, cfg.kernel_size))
-        sizes = LearnedStepSizes(cfg.h_c_range, cfg.expansive_share)
+        sizes = LearnedStepSizes(cfg.h_c_range, cfg.expansive_share, cfg.pair_rule)
         pairs.append(ExpansiveContractivePair(expansive, contractive, sizes))
     return nn.Sequential(*pairs)
 

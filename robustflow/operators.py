@@ -123,14 +123,18 @@ def compose_kernels(a: Tensor, b: Tensor) -> Tensor:
     ca, cb = a.shape[1], b.shape[0]
     if ca != cb:
         raise ValueError(f"cannot compose kernels with {ca} and {cb} channels")
-    ka1, ka2, kb1, kb2 = a.shape[2], a.shape[3], b.shape[2], b.shape[3]
-    out = a.new_zeros(a.shape[0], b.shape[1], ka1 + kb1 - 1, ka2 + kb2 - 1)
-    for u1 in range(ka1):
-        for u2 in range(ka2):
-            for v1 in range(kb1):
-                for v2 in range(kb2):
-                    out[:, :, u1 + v1, u2 + v2] += a[:, :, u1, u2] @ b[:, :, v1, v2]
-    return out
+    kb1, kb2 = b.shape[2], b.shape[3]
+    # a full 2-D convolution over the taps, batched over a's output channels
+    padded = F.pad(a, (kb2 - 1, kb2 - 1, kb1 - 1, kb1 - 1))
+    return F.conv2d(padded, b.transpose(0, 1).flip(2, 3))
+
+
+def circular_pad(x: Tensor, p: int) -> Tensor:
+    """Wrap the last two dimensions around by ``p`` (``F.pad(mode="circular")``, cheaper backward)."""
+    if p == 0:
+        return x
+    x = torch.cat([x[..., -p:, :], x, x[..., :p, :]], dim=-2)
+    return torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)
 
 
 class ConvOperator(LinearOperator):
@@ -158,8 +162,7 @@ class ConvOperator(LinearOperator):
         return self.weight
 
     def _pad(self, x: Tensor) -> Tensor:
-        p = self.kernel_size // 2
-        return F.pad(x, (p, p, p, p), mode="circular") if p else x
+        return circular_pad(x, self.kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_shape, type(self).__name__)

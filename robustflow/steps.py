@@ -131,39 +131,64 @@ def contraction_factor(h_c: float) -> float:
     return math.sqrt(1.0 - h_c + h_c * h_c)
 
 
-def max_expansive_step(h_c: float) -> float:
-    """Largest ``h_E`` with ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``."""
-    return 1.0 / contraction_factor(h_c) - 1.0
+PAIR_RULES = ("paper", "exact")
 
 
-def check_pair_rule(h_e: float, h_c: float) -> None:
-    """Raise ``ValueError`` unless ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``."""
+def exact_contraction_factor(h_c: float) -> float:
+    """Exact bound ``1 − h_C/2`` of a contractive step with an isometric ``A`` (``h_C ≤ 4/3``)."""
+    return 1.0 - 0.5 * h_c
+
+
+def max_expansive_step(h_c: float, rule: str = "paper") -> float:
+    """Largest ``h_E`` allowed with ``h_C``.
+
+    ``paper``: ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``. ``exact``: ``(1 − h_C/2)(1 + h_E) ≤ 1``,
+    i.e. ``h_E ≤ h_C / (2 − h_C)`` — the exact spectral bound of the contractive step
+    (see :class:`ContractiveStep`), which allows about twice the expansive step.
+    """
+    factor = contraction_factor(h_c) if rule == "paper" else exact_contraction_factor(h_c)
+    return 1.0 / factor - 1.0
+
+
+def _check_rule(rule: str) -> str:
+    if rule not in PAIR_RULES:
+        raise ValueError(f"pair rule must be one of {PAIR_RULES}, got {rule!r}")
+    return rule
+
+
+def check_pair_rule(h_e: float, h_c: float, rule: str = "paper") -> None:
+    """Raise ``ValueError`` unless the pair ``(h_E, h_C)`` obeys ``rule`` (``paper`` or ``exact``)."""
     if not 0.0 < h_c < 1.0:
         raise ValueError(f"h_C must lie in (0, 1) for the step to contract, got h_C={h_c}")
-    product = contraction_factor(h_c) * (1.0 + h_e)
-    if h_e < 0 or product > 1.0 + 1e-12:
+    if _check_rule(rule) == "paper":
+        product, formula = contraction_factor(h_c) * (1.0 + h_e), "sqrt(1 - h_C + h_C^2)(1 + h_E)"
+    else:
+        product, formula = exact_contraction_factor(h_c) * (1.0 + h_e), "(1 - h_C/2)(1 + h_E)"
+    if h_e < 0 or product > 1.0 + 1e-6:  # slack for float32 step sizes
         raise ValueError(
-            f"step sizes h_E={h_e}, h_C={h_c} break the pair rule "
-            f"sqrt(1 - h_C + h_C^2)(1 + h_E) = {product:.6f} > 1; "
-            f"with h_C={h_c} use 0 <= h_E <= {max_expansive_step(h_c):.6f}"
+            f"step sizes h_E={h_e}, h_C={h_c} break the {rule} pair rule "
+            f"{formula} = {product:.6f} > 1; "
+            f"with h_C={h_c} use 0 <= h_E <= {max_expansive_step(h_c, rule):.6f}"
         )
 
 
 class LearnedStepSizes(nn.Module):
     """Learnable ``(h_E, h_C)`` that satisfy the pair rule after every optimiser step.
 
-    ``h_C = lo + (hi − lo) s(a)`` in ``[lo, hi] ⊂ (0, 1)`` and
-    ``h_E = s(b) (1 / sqrt(1 − h_C + h_C²) − 1)`` with the logistic ``s``, so
-    ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1`` holds by construction.
+    ``h_C = lo + (hi − lo) s(a)`` in ``[lo, hi] ⊂ (0, 1)`` and ``h_E = s(b) h_E,max(h_C)``
+    with the logistic ``s``: ``h_E,max = 1 / sqrt(1 − h_C + h_C²) − 1`` (``rule="paper"``)
+    or ``h_C / (2 − h_C)`` (``rule="exact"``), so the rule holds by construction.
     """
 
-    def __init__(self, h_c_range: tuple[float, float] = (0.15, 0.5), expansive_share: float = 0.5):
+    def __init__(self, h_c_range: tuple[float, float] = (0.15, 0.5), expansive_share: float = 0.5,
+                 rule: str = "paper"):
         super().__init__()
         lo, hi = (float(v) for v in h_c_range)
         if not 0.0 < lo <= hi < 1.0:
             raise ValueError(f"h_C range must satisfy 0 < lo <= hi < 1, got ({lo}, {hi})")
         if not 0.0 < expansive_share < 1.0:
             raise ValueError(f"expansive_share must lie in (0, 1), got {expansive_share}")
+        self.rule = _check_rule(rule)
         self.register_buffer("h_c_range", torch.tensor([lo, hi]))
         self.raw_h_c = nn.Parameter(torch.zeros(()))
         self.raw_share = nn.Parameter(torch.logit(torch.tensor(expansive_share)))
@@ -171,16 +196,20 @@ class LearnedStepSizes(nn.Module):
     def forward(self) -> tuple[Tensor, Tensor]:
         lo, hi = self.h_c_range
         h_c = lo + (hi - lo) * torch.sigmoid(self.raw_h_c)
-        h_e = torch.sigmoid(self.raw_share) * (torch.rsqrt(1.0 - h_c + h_c * h_c) - 1.0)
-        return h_e, h_c
+        if self.rule == "paper":
+            h_e_max = torch.rsqrt(1.0 - h_c + h_c * h_c) - 1.0
+        else:
+            h_e_max = h_c / (2.0 - h_c)
+        return torch.sigmoid(self.raw_share) * h_e_max, h_c
 
 
 class FixedStepSizes(nn.Module):
-    """Constant ``(h_E, h_C)``, checked against the pair rule (``ValueError`` otherwise)."""
+    """Constant ``(h_E, h_C)``, checked against the pair rule ``rule`` (``ValueError`` otherwise)."""
 
-    def __init__(self, h_e: float, h_c: float):
+    def __init__(self, h_e: float, h_c: float, rule: str = "paper"):
         super().__init__()
-        check_pair_rule(float(h_e), float(h_c))
+        check_pair_rule(float(h_e), float(h_c), rule)
+        self.rule = rule
         self.register_buffer("values", torch.tensor([float(h_e), float(h_c)]))
 
     def forward(self) -> tuple[Tensor, Tensor]:
@@ -190,8 +219,9 @@ class FixedStepSizes(nn.Module):
 class ExpansiveContractivePair(nn.Module):
     """``Ψ_C ∘ Ψ_E``: an expansive step followed by a contractive one.
 
-    The step sizes obey ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``, so the pair is
-    1-Lipschitz for orthogonal operators; the bound is the product of the two steps'.
+    The step sizes obey ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1`` (or the exact rule
+    ``(1 − h_C/2)(1 + h_E) ≤ 1``), so the pair is 1-Lipschitz for orthogonal operators;
+    the bound is the product of the two steps' bounds, computed from the weights.
     """
 
     def __init__(
@@ -219,8 +249,9 @@ class ExpansiveContractivePair(nn.Module):
 
     def export(self) -> ExpansiveContractivePair:
         h_e, h_c = (float(v.detach()) for v in self.step_sizes())
+        rule = getattr(self.step_sizes, "rule", "paper")
         return ExpansiveContractivePair(
-            self.expansive.export(), self.contractive.export(), FixedStepSizes(h_e, h_c)
+            self.expansive.export(), self.contractive.export(), FixedStepSizes(h_e, h_c, rule)
         )
 
 

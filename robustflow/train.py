@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parametrize
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
@@ -212,7 +213,8 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
                 images = augment(images, gen)
             x = images.float().div_(255).to(device, non_blocking=True)
             y = train_set.labels[idx].to(device, non_blocking=True)
-            logits = net(x)
+            with parametrize.cached():  # each orthogonal weight computed once per step
+                logits = net(x)
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
                 kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {out}"
