@@ -1,0 +1,147 @@
+"""The side-by-side benchmarks: peer bounds are proven, peers are size-matched, and the
+entry point writes every section (on a synthetic CIFAR folder, with a budget of seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.peers import (
+    BUILDERS,
+    PEERS,
+    PlainSLLBlock,
+    SLLBlock,
+    build_peer,
+    build_sll,
+    build_torchlip,
+    count_parameters,
+    export_peer,
+    matched_width,
+    own_radius,
+    robustflow_parameters,
+    sll_block_bound,
+)
+from certify import lipschitz_bound
+from robustflow.data import write_cifar_folder
+from tests.conftest import jacobian_norm, synthetic_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SLACK = 1 + 1e-6
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.5) -> None:
+    """Move every parameter randomly, as training would (trained-ish weights)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p) * (p.abs().mean() + 0.1))
+
+
+def test_sll_block_bound_covers_the_jacobian() -> None:
+    block = SLLBlock(4, size=6)
+    _perturb(block)
+    block = block.double()
+    bound = block.lipschitz_bound()
+    assert bound >= 1.0
+    for _ in range(3):
+        x = torch.randn(4, 6, 6, dtype=torch.float64)
+        assert jacobian_norm(block, x) <= bound * SLACK
+    plain = block.export()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert torch.allclose(plain(x), block(x), atol=1e-12)
+    assert plain.lipschitz_bound() == bound
+
+
+def test_sll_bound_formula_without_aol_rescaling() -> None:
+    """With ‖K‖ > 1 (no AOL) the block expands; the bound max(1, 2‖K‖² − 1) still covers it."""
+    kernel = 2.0 * torch.randn(3, 3, 3, 3, dtype=torch.float64)
+    block = PlainSLLBlock(kernel, torch.zeros(3, dtype=torch.float64), 1, 5)
+    bound = block.lipschitz_bound()
+    assert bound > 1.0
+    x = torch.rand(3, 5, 5, dtype=torch.float64) + 1.0  # mostly active ReLUs: near 2‖K‖² − 1
+    norm = jacobian_norm(block, x)
+    assert 1.0 < norm <= bound * SLACK
+    with pytest.raises(ValueError):
+        sll_block_bound(torch.zeros(2, 2, 2, 2), 1, (4, 4))
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_exported_peer_is_identical_and_its_bound_is_proven(kind: str) -> None:
+    small = {"stages": 2, "image_size": 8}
+    model = build_sll(4, 1, **small) if kind == "sll" else build_torchlip(4, 1, **small)
+    _perturb(model, 0.3)
+    model.train()
+    for _ in range(3):  # torchlip updates its power iteration in training mode
+        model(torch.rand(4, 3, 8, 8))
+    model.eval()
+    plain = export_peer(model)
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-5)
+    bound = lipschitz_bound(plain, (3, 8, 8))
+    plain = plain.double()
+    for sample in x[:3].double():
+        assert jacobian_norm(plain, sample) <= bound * SLACK
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_peer_parameter_count_is_matched(kind: str) -> None:
+    target = robustflow_parameters()
+    model, info = build_peer(kind)
+    assert info["parameters"] == count_parameters(model) and info["target"] == target
+    step = 2 if kind == "torchlip" else 1
+    width, count = matched_width(kind, target)
+    assert width == info["width"]
+    for other in (width - step, width + step):
+        assert abs(count_parameters(BUILDERS[kind](other, info["depth"])) - target) >= abs(count - target)
+    assert abs(count - target) / target < 0.25
+
+
+def test_own_certificate_is_margin_over_sqrt2() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 0])
+    for kind in PEERS:
+        radius, how = own_radius(kind, build_sll(2, 1, stages=1, image_size=2), logits, labels)
+        assert radius.tolist() == pytest.approx([2 / math.sqrt(2), 0.0])
+        assert "√2" in how or "VRA" in how
+
+
+def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
+    from benchmarks import run_all
+
+    root = tmp_path / "data"
+    write_cifar_folder(root, synthetic_set(200, 0), synthetic_set(60, 1))
+    out = tmp_path / "out"
+    results = run_all.main([
+        "--data-root", str(root), "--quick", "--budget", "2", "--test-n", "30", "--attack-n", "16",
+        "--bench-attack-n", "16", "--cost-n", "30", "--tight-n", "6", "--tight-steps", "4",
+        "--scale-depths", "2", "--scale-widths", "1", "--scale-batch", "4",
+        "--out-dir", str(out), "--models-dir", str(tmp_path / "models")])
+    saved = json.loads((out / "results.json").read_text())
+    text = (out / "RESULTS.md").read_text()
+    assert set(saved["sections"]) == {"1", "2", "3", "4", "5"} == set(results["sections"])
+    for number, title in run_all.SECTIONS.items():
+        assert f"## {number}. {title}" in text
+        section = saved["sections"][str(number)]
+        assert section["command"].startswith("python benchmarks/run_all.py --data-root")
+        assert section["machine"]["torch_threads"] >= 1 and section["machine"]["cpu"]
+    assert "## Aims" in text and "certification within 1.1× of inference" in text
+    models = saved["sections"]["1"]["models"]
+    assert set(models) == {"robustflow", *PEERS}
+    for row in models.values():
+        pgd = row["pgd"]
+        assert pgd["certified_accuracy"] <= pgd["robust_accuracy"] <= pgd["clean_accuracy"]
+        for eps in ("36/255", "0.3"):
+            assert row["certified_accuracy"][eps] <= row["clean_accuracy"]
+            assert row["own_certified_accuracy"][eps] <= row["clean_accuracy"]
+    for row in saved["sections"]["4"]["models"].values():  # a proven radius never exceeds an attack
+        assert row["ratios"]["robustflow certify"].get("above_distance", 0) == 0
+    assert {r["model"] for r in saved["sections"]["5"]["rows"]} == {"robustflow", *PEERS}
+
+    again = run_all.main(["--data-root", str(root), "--only", "3", "--cost-n", "20",
+                          "--out-dir", str(out), "--models-dir", str(tmp_path / "models")])
+    assert set(again["sections"]) == {"1", "2", "3", "4", "5"}  # earlier sections kept
+    assert again["sections"]["3"]["settings"]["n"] == 20
