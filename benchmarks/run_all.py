@@ -470,6 +470,10 @@ RUNNERS = {1: section_training, 2: section_attacks, 3: section_cost, 4: section_
 # ------------------------------------------------------------------ report
 
 
+def _shape(row: dict) -> str:
+    return f" (width {row['width']}, depth {row['depth']})" if "width" in row else ""
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
@@ -507,7 +511,10 @@ def render(results: dict) -> str:
         lines += [f"Each model trained for {st['budget']:.0f} s on the CIFAR-10 training set with "
                   f"robustflow's recipe ({', '.join(f'{k} {v}' for k, v in st['recipe'].items())}); "
                   f"certified on {st['test_n']} test images, PGD-L2 ({st['attack_steps']} steps) on "
-                  f"the first {st['attack_n']}.", "",
+                  f"the first {st['attack_n']} (points that robustflow's certificate proves are not "
+                  "attacked, which changes no result). Peers are sized to the parameter count of "
+                  "robustflow's default preset; depth = residual blocks (SLL) or 3×3 "
+                  "convolutions (torchlip) per stage.", "",
                   "| model | parameters | train img/s | clean | certified 36/255 | certified 0.3 | "
                   "own cert. 36/255 | own cert. 0.3 | proven L | PGD-L2 0.3 (clean / certified "
                   "on the PGD subset) |",
@@ -515,7 +522,7 @@ def render(results: dict) -> str:
         for r in s["models"].values():
             p = r["pgd"]
             lines.append(
-                f"| {r['label']} | {r['parameters']:,} | {r['images_per_second']:.0f} | "
+                f"| {r['label']}{_shape(r)} | {r['parameters']:,} | {r['images_per_second']:.0f} | "
                 f"{_pct(r['clean_accuracy'])} | {_pct(r['certified_accuracy']['36/255'])} | "
                 f"{_pct(r['certified_accuracy']['0.3'])} | "
                 f"{_pct(r['own_certified_accuracy']['36/255'])} | "
