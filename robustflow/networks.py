@@ -2,7 +2,7 @@
 
 CIFAR-10 layout (``kind="lipschitz"``)::
 
-    centering → channel lift (3 → C₁, isometry) →
+    centering → [space-to-depth, if stem="unshuffle"] → channel lift (→ C₁, isometry) →
       stage 1: (expansive, contractive) pairs on C₁ channels →
       space-to-depth + orthogonal 1×1 mix (C₁ → C₂) → stage 2 → … →
       space-to-depth + mix (C_S → C_S) → flatten → linear head (‖W‖ ≤ 1)
@@ -37,6 +37,7 @@ from robustflow.steps import (
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 
 KINDS = ("lipschitz", "euler")
+STEMS = ("lift", "unshuffle")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class NetworkConfig:
         num_classes: number of logits.
         h_c_range: range of the learnable contractive step size ``h_C``.
         expansive_share: initial ``h_E / h_E,max`` in ``(0, 1)``.
+        stem: ``"lift"`` (isometric 1×1 lift of the pixels on the full grid) or
+            ``"unshuffle"`` (space-to-depth first: the stages run on a grid half as wide,
+            a quarter of the cost per channel²).
         pair_rule: ``"paper"`` (``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``) or ``"exact"``
             (``(1 − h_C/2)(1 + h_E) ≤ 1``, the contractive step's exact bound).
         euler_step: step size ``h`` of the baseline's Euler steps.
@@ -69,6 +73,7 @@ class NetworkConfig:
     h_c_range: tuple[float, float] = (0.15, 0.5)
     expansive_share: float = 0.5
     pair_rule: str = "paper"
+    stem: str = "lift"
     euler_step: float = 0.5
     mean: tuple[float, ...] = CIFAR10_MEAN
     std: tuple[float, ...] | None = None
@@ -89,11 +94,14 @@ class NetworkConfig:
                 f"steps_per_stage must be even for kind='lipschitz' (expansive/contractive "
                 f"pairs), got {self.steps_per_stage}"
             )
-        stages = len(self.channels)
-        if self.image_size % (2**stages):
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
+        halvings = len(self.channels) + (self.stem == "unshuffle")
+        if self.image_size % (2**halvings):
             raise ValueError(
-                f"image_size {self.image_size} must be divisible by 2^{stages} "
-                f"({len(self.channels)} stages each halve the grid)"
+                f"image_size {self.image_size} must be divisible by 2^{halvings} "
+                f"({len(self.channels)} stages each halve the grid"
+                + (", and so does the unshuffle stem)" if self.stem == "unshuffle" else ")")
             )
         for prev, nxt in zip(self.channels, self.channels[1:], strict=False):
             if nxt > 4 * prev:
@@ -171,8 +179,11 @@ class ImageClassifier(nn.Sequential):
         stage = _lipschitz_stage if orthogonal else _euler_stage
         parts: OrderedDict[str, nn.Module] = OrderedDict()
         parts["centering"] = Centering(config.mean, config.std)
-        size = config.image_size
-        parts["lift"] = ChannelMix(config.in_channels, config.channels[0], size, orthogonal=orthogonal)
+        size, pixels = config.image_size, config.in_channels
+        if config.stem == "unshuffle":
+            parts["unshuffle"] = nn.PixelUnshuffle(2)  # a permutation of the pixels: an isometry
+            size, pixels = size // 2, 4 * pixels
+        parts["lift"] = ChannelMix(pixels, config.channels[0], size, orthogonal=orthogonal)
         widths = list(config.channels)
         for i, width in enumerate(widths, start=1):
             parts[f"stage{i}"] = stage(config, width, size)
