@@ -156,10 +156,11 @@ def _stage_widths(width: int, stages: int) -> list[int]:
 
 
 def build_sll(width: int = 16, blocks_per_stage: int = 2, stages: int = 3, image_size: int = 32,
-              inner_factor: float = 1.0, num_classes: int = 10) -> nn.Sequential:
+              inner_factor: float = 1.0, num_classes: int = 10, stem: str = "lift") -> nn.Sequential:
     """An SLL network from orthogonium layers, in robustflow's staged layout.
 
-    centering → orthogonal 1×1 lift (3 → w) → stage: ``blocks_per_stage`` SLL blocks →
+    centering → [space-to-depth if ``stem="unshuffle"``] → orthogonal 1×1 lift (→ w) →
+    stage: ``blocks_per_stage`` SLL blocks →
     space-to-depth + orthogonal 1×1 mix (4c → next width) → … → flatten → OrthoLinear.
     Widths double per stage (w, 2w, 4w). Every part is 1-Lipschitz by orthogonium's
     construction (up to its power-iteration/Björck orthogonalisation).
@@ -170,7 +171,11 @@ def build_sll(width: int = 16, blocks_per_stage: int = 2, stages: int = 3, image
     size = image_size
     parts: OrderedDict[str, nn.Module] = OrderedDict()
     parts["centering"] = Centering(CIFAR10_MEAN)
-    parts["lift"] = AdaptiveOrthoConv2d(3, widths[0], kernel_size=1, bias=False)
+    pixels = 3
+    if stem == "unshuffle":
+        parts["unshuffle"] = nn.PixelUnshuffle(2)
+        size, pixels = size // 2, 12
+    parts["lift"] = AdaptiveOrthoConv2d(pixels, widths[0], kernel_size=1, bias=False)
     for i, c in enumerate(widths, start=1):
         parts[f"stage{i}"] = nn.Sequential(*(SLLBlock(c, size, inner_factor)
                                             for _ in range(blocks_per_stage)))
@@ -184,10 +189,11 @@ def build_sll(width: int = 16, blocks_per_stage: int = 2, stages: int = 3, image
 
 
 def build_torchlip(width: int = 16, convs_per_stage: int = 2, stages: int = 3,
-                   image_size: int = 32, num_classes: int = 10) -> nn.Sequential:
+                   image_size: int = 32, num_classes: int = 10, stem: str = "lift") -> nn.Sequential:
     """A spectrally normalised deel-torchlip network (plain, non-residual).
 
-    centering → SpectralConv2d 3×3 (3 → w) + GroupSort2 → stage: ``convs_per_stage`` ×
+    centering → [InvertibleDownSampling(2) if ``stem="unshuffle"``] → SpectralConv2d 3×3
+    (→ w) + GroupSort2 → stage: ``convs_per_stage`` ×
     (SpectralConv2d 3×3 + GroupSort2) → InvertibleDownSampling(2) + SpectralConv2d 1×1 →
     … → flatten → SpectralLinear. Widths double per stage (w, 2w, 4w); ``width`` must be
     even (GroupSort2 sorts channel pairs).
@@ -200,7 +206,11 @@ def build_torchlip(width: int = 16, convs_per_stage: int = 2, stages: int = 3,
     size = image_size
     parts: OrderedDict[str, nn.Module] = OrderedDict()
     parts["centering"] = Centering(CIFAR10_MEAN)
-    parts["lift"] = nn.Sequential(SpectralConv2d(3, widths[0], 3, padding=1), GroupSort2())
+    pixels = 3
+    if stem == "unshuffle":
+        parts["unshuffle"] = InvertibleDownSampling(2)
+        size, pixels = size // 2, 12
+    parts["lift"] = nn.Sequential(SpectralConv2d(pixels, widths[0], 3, padding=1), GroupSort2())
     for i, c in enumerate(widths, start=1):
         layers: list[nn.Module] = []
         for _ in range(convs_per_stage):
@@ -218,13 +228,13 @@ def build_torchlip(width: int = 16, convs_per_stage: int = 2, stages: int = 3,
 BUILDERS: dict[str, Callable[..., nn.Sequential]] = {"sll": build_sll, "torchlip": build_torchlip}
 
 
-def matched_width(kind: str, target: int, depth: int = 2) -> tuple[int, int]:
+def matched_width(kind: str, target: int, depth: int = 2, stem: str = "lift") -> tuple[int, int]:
     """``(width, parameters)`` of the ``kind`` peer whose parameter count is closest to ``target``
     (torchlip widths are even: GroupSort2 sorts channel pairs)."""
     candidates = range(2, 257, 2 if kind == "torchlip" else 1)
     best: tuple[int, int] | None = None
     for width in candidates:
-        count = count_parameters(BUILDERS[kind](width, depth))
+        count = count_parameters(BUILDERS[kind](width, depth, stem=stem))
         if best is None or abs(count - target) < abs(best[1] - target):
             best = (width, count)
         if count > target:  # counts grow with width: no closer one beyond
@@ -236,15 +246,17 @@ def matched_width(kind: str, target: int, depth: int = 2) -> tuple[int, int]:
 def build_peer(kind: str, target: int | None = None, depth: int | None = None
                ) -> tuple[nn.Sequential, dict]:
     """The ``kind`` peer sized to ``target`` parameters (robustflow's default preset if None),
-    with ``depth`` blocks per stage (the preset's ``steps_per_stage`` if None)."""
+    with ``depth`` blocks per stage (the preset's ``steps_per_stage`` if None) and the
+    preset's stem, so that only the layers differ from robustflow's network."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown peer {kind!r}; choose one of {PEERS}")
-    if depth is None:
-        depth = preset(TrainConfig().preset).steps_per_stage
+    default = preset(TrainConfig().preset)
+    depth = default.steps_per_stage if depth is None else depth
     target = robustflow_parameters() if target is None else target
-    width, count = matched_width(kind, target, depth)
-    model = BUILDERS[kind](width, depth)
-    return model, {"width": width, "depth": depth, "parameters": count, "target": target}
+    width, count = matched_width(kind, target, depth, default.stem)
+    model = BUILDERS[kind](width, depth, stem=default.stem)
+    return model, {"width": width, "depth": depth, "stem": default.stem, "parameters": count,
+                   "target": target}
 
 
 # ------------------------------------------------------------------ export and certificates

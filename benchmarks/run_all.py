@@ -204,7 +204,7 @@ def load_trained(name: str, path: Path) -> tuple[nn.Module, dict]:
                        "budget": record["train"]["time_budget"]}
     payload = torch.load(path, map_location="cpu", weights_only=True)
     info = payload["info"]
-    model = BUILDERS[name](info["width"], info["depth"])
+    model = BUILDERS[name](info["width"], info["depth"], stem=info.get("stem", "lift"))
     model.load_state_dict(payload["state_dict"])
     return model.eval(), info
 
@@ -451,7 +451,7 @@ def section_scaling(ctx: Context) -> dict:
             else:
                 width = peer_widths[name] * mult
                 channels = tuple(width * 2 ** min(i, 2) for i in range(3))
-                model = BUILDERS[name](width, depth)
+                model = BUILDERS[name](width, depth, stem=base.stem)
             print(f"[5] {name} depth {depth} width ×{mult}", flush=True)
             rows.append({"model": name, "depth": depth, "width_multiplier": mult,
                          "channels": list(channels),

@@ -129,8 +129,12 @@ PRESETS: dict[str, NetworkConfig] = {
     "tiny": NetworkConfig(channels=(4, 8), steps_per_stage=2, image_size=8),
     # quick runs on real 32×32 CIFAR images (tests, smoke runs)
     "micro": NetworkConfig(channels=(4, 8), steps_per_stage=2),
-    # the default: chosen for certified accuracy per second of CPU training
+    # the first default (the bundled models): 16/32/64 channels, one pair per stage on 32/16/8 grids
     "small": NetworkConfig(channels=(16, 32, 64), steps_per_stage=2),
+    # the default, chosen for certified accuracy per second of CPU training: space-to-depth
+    # first, so two pairs per stage on 16/8/4 grids cost less than one pair on 32/16/8
+    # (one CIFAR-10 epoch on one core: 152 s vs 223 s for "small", and more accurate)
+    "fast": NetworkConfig(channels=(16, 32, 64), steps_per_stage=4, stem="unshuffle"),
     # the paper's layout: 32/64/128 channels, 8 residual steps per stage
     "paper": NetworkConfig(channels=(32, 64, 128), steps_per_stage=8),
 }

@@ -30,7 +30,7 @@ from robustflow.networks import ImageClassifier, NetworkConfig, build_model, pre
 class TrainConfig:
     """Options of ``robustflow train`` (saved in the checkpoint record)."""
 
-    preset: str = "small"
+    preset: str = "fast"
     kind: str = "lipschitz"
     epochs: int = 10
     batch_size: int = 128
@@ -49,7 +49,7 @@ class TrainConfig:
     limit: int | None = None
     val_size: int = 1000
     time_budget: float | None = None
-    augment: bool = True
+    augment: bool = False
     out: str = "runs/model.pt"
     resume: bool = False
     progress: bool = True

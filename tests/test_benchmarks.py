@@ -93,10 +93,11 @@ def test_peer_parameter_count_is_matched(kind: str) -> None:
     model, info = build_peer(kind)
     assert info["parameters"] == count_parameters(model) and info["target"] == target
     step = 2 if kind == "torchlip" else 1
-    width, count = matched_width(kind, target)
+    width, count = matched_width(kind, target, info["depth"], info["stem"])
     assert width == info["width"]
     for other in (width - step, width + step):
-        assert abs(count_parameters(BUILDERS[kind](other, info["depth"])) - target) >= abs(count - target)
+        neighbour = BUILDERS[kind](other, info["depth"], stem=info["stem"])
+        assert abs(count_parameters(neighbour) - target) >= abs(count - target)
     assert abs(count - target) / target < 0.25
 
 

@@ -69,12 +69,14 @@ def test_train_reports_and_saves(data_root: Path, tmp_path: Path, capsys) -> Non
     out = tmp_path / "m.pt"
     code, stdout, _ = run(["train", "--preset", "micro", "--data-root", data_root, "--epochs", "1",
                            "--batch-size", "50", "--limit", "100", "--val-size", "10", "--device", "cpu",
-                           "--out", out, "--no-progress", "--loss", "hinge", "--schedule", "step"], capsys)
+                           "--out", out, "--no-progress", "--loss", "hinge", "--schedule", "step",
+                           "--augment"], capsys)
     assert code == 0
     assert "epoch   1" in stdout and f"saved {out} after epoch 1" in stdout
     _, record = model_from_checkpoint(out)
     assert record["train_images"] == 100 and record["train"]["loss"] == "hinge"
     assert record["train"]["schedule"] == "step" and record["metrics"]["epoch"] == 1
+    assert record["train"]["augment"] is True
 
 
 def test_certify(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> None:

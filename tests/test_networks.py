@@ -19,6 +19,7 @@ from robustflow.networks import (
     build_model,
     preset,
 )
+from robustflow.train import TrainConfig
 from tests.conftest import jacobian_norm, push_output_norm
 
 TWO_CHANNEL = dict(in_channels=2, mean=(0.5, 0.5))
@@ -45,8 +46,9 @@ def test_small_image_model_bound_holds_before_and_after_training(overrides: dict
         push_output_norm(model, shape)
 
 
-def test_default_cifar_model_is_one_lipschitz() -> None:
-    model = build_model(preset("small")).double()
+@pytest.mark.parametrize("name", ["small", TrainConfig().preset])
+def test_default_cifar_models_are_one_lipschitz(name: str) -> None:
+    model = build_model(preset(name)).double()
     bound = model.lipschitz_bound()
     assert bound <= 1 + 1e-5
     assert _max_jacobian_norm(model, model.input_shape, points=2) <= bound * (1 + 1e-5)
