@@ -381,7 +381,8 @@ def train_budgeted(model: nn.Module, train_set: ImageSet, budget: float,
             if cfg.augment:
                 images = augment(images, gen)
             x, y = images.float().div_(255), train_set.labels[idx]
-            logits = model(x)
+            with parametrize.cached():  # as robustflow.train: each parametrised weight once per step
+                logits = model(x)
             loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {float(loss.detach())} at step {step}")

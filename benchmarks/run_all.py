@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` folder i
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
 
 from attacks import minimal_adversarial_distance  # noqa: E402
 from benchmarks import bench_attacks, bench_certify  # noqa: E402
@@ -88,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, help="training seconds per model (900; quick 60)")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--models-dir", default="runs/bench-models")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite RESULTS.md from the existing results.json")
     parser.add_argument("--only", help="comma-separated sections to run, e.g. 1,3 (default all)")
     parser.add_argument("--test-n", type=int, help="test images to certify (all; quick 1000)")
     parser.add_argument("--attack-n", type=int, help="test images for PGD in section 1 (all; quick 200)")
@@ -405,9 +408,11 @@ def step_cost(model: nn.Module, batch: int, repeats: int) -> dict:
     y = torch.randint(0, 10, (batch,), generator=generator)
     model.train()
 
-    def step() -> None:
+    def step() -> None:  # as in training: each parametrised weight computed once per step
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        with parametrize.cached():
+            logits = model(x)
+        loss_fn(logits, y).backward()
         optimizer.step()
 
     own = {p.untyped_storage().data_ptr() for p in params}
@@ -496,7 +501,8 @@ def render(results: dict) -> str:
     """RESULTS.md from ``results.json``'s content."""
     lines = ["# Benchmarks against orthogonium, deel-torchlip, foolbox and torchattacks", "",
              "Written by `benchmarks/run_all.py` (see its docstring); every figure below comes "
-             "with the command and machine that produced it. Aims are judged from the numbers.", ""]
+             "with the command and machine that produced it. Aims are judged from the numbers. "
+             "CIFAR-10 is read from `--data-root` or, without it, `$ROBUSTFLOW_DATA`.", ""]
     sections = results["sections"]
     all_aims = [a for s in sections.values() for a in s.get("aims", [])]
     if all_aims:
@@ -615,9 +621,15 @@ def main(argv: list[str] | None = None) -> dict:
     if json_path.is_file():
         try:
             results = json.loads(json_path.read_text())
-        except json.JSONDecodeError:
-            pass
+        except json.JSONDecodeError as err:
+            print(f"note: {json_path} is not valid JSON ({err}); starting a fresh one", flush=True)
         results.setdefault("sections", {})
+    if args.render:
+        if not results["sections"]:
+            raise SystemExit(f"--render: no sections in {json_path}; run the benchmark first")
+        (out / "RESULTS.md").write_text(render(results))
+        print(f"wrote {out / 'RESULTS.md'} from {json_path}")
+        return results
     for number in args.sections:
         started = time.monotonic()
         section = RUNNERS[number](ctx)

@@ -146,3 +146,8 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
                           "--out-dir", str(out), "--models-dir", str(tmp_path / "models")])
     assert set(again["sections"]) == {"1", "2", "3", "4", "5"}  # earlier sections kept
     assert again["sections"]["3"]["settings"]["n"] == 20
+    (out / "RESULTS.md").unlink()
+    run_all.main(["--render", "--out-dir", str(out)])  # the report again from results.json alone
+    assert "## 3. " in (out / "RESULTS.md").read_text()
+    with pytest.raises(SystemExit, match="no sections"):
+        run_all.main(["--render", "--out-dir", str(tmp_path / "empty")])
