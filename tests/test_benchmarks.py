@@ -151,3 +151,21 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
     assert "## 3. " in (out / "RESULTS.md").read_text()
     with pytest.raises(SystemExit, match="no sections"):
         run_all.main(["--render", "--out-dir", str(tmp_path / "empty")])
+
+
+def test_recipe_probe_trains_a_variant_and_reports_it(tmp_path: Path, capsys) -> None:
+    from benchmarks import probe_recipe
+    from robustflow.networks import PRESETS
+
+    root = tmp_path / "data"
+    write_cifar_folder(root, synthetic_set(64, 0), synthetic_set(20, 1))
+    log = tmp_path / "probes.jsonl"
+    overrides = '{"batch_size": 16, "preset": "micro", "net": {"stem": "unshuffle"}}'
+    result = probe_recipe.main(["unshuffled", overrides, "--data-root", str(root), "--images", "64",
+                                "--test-n", "20", "--log", str(log)])
+    assert json.loads(log.read_text()) == result == json.loads(capsys.readouterr().out)
+    assert result["overrides"]["net"] == {"stem": "unshuffle"} and "probe" not in PRESETS
+    assert result["c03"] <= result["c36"] <= result["clean"] and 0 < result["L"] <= 1 + 1e-5
+    with pytest.raises(SystemExit) as info:
+        probe_recipe.main(["bad", "[1, 2]", "--data-root", str(root)])
+    assert info.value.code == 2
