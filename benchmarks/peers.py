@@ -37,7 +37,7 @@ from robustflow.data import ImageSet, augment
 from robustflow.layers import Centering
 from robustflow.losses import make_loss
 from robustflow.networks import CIFAR10_MEAN, build_model, preset
-from robustflow.train import TrainConfig, learning_rate
+from robustflow.train import TrainConfig, learning_rate, optimizer_step
 
 PEERS = ("sll", "torchlip")
 
@@ -381,14 +381,7 @@ def train_budgeted(model: nn.Module, train_set: ImageSet, budget: float,
             if cfg.augment:
                 images = augment(images, gen)
             x, y = images.float().div_(255), train_set.labels[idx]
-            with parametrize.cached():  # as robustflow.train: each parametrised weight once per step
-                logits = model(x)
-            loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss.detach())} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits, loss = optimizer_step(model, optimizer, loss_fn, x, y)  # as robustflow.train
             step += 1
             seen += len(y)
             hits += int((logits.argmax(1) == y).sum())

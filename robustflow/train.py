@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from torch.utils.data import DistributedSampler
@@ -142,6 +142,22 @@ def evaluate(model: nn.Module, data: ImageSet, eps: float, device: torch.device,
             "lipschitz_bound": certifier.lipschitz}
 
 
+def optimizer_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: Tensor,
+                   y: Tensor) -> tuple[Tensor, Tensor]:
+    """One training step: forward (each parametrised weight computed once), loss, backward,
+    update; returns ``(logits, loss)``. A non-finite loss raises ``FloatingPointError``
+    before the weights are touched."""
+    with parametrize.cached():
+        logits = net(x)
+    loss = loss_fn(logits, y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {float(loss.detach())}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
 def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False,
           train_set: ImageSet | None = None, val_set: ImageSet | None = None,
           log=print) -> tuple[ImageClassifier, dict[str, Any]]:
@@ -213,17 +229,13 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
                 images = augment(images, gen)
             x = images.float().div_(255).to(device, non_blocking=True)
             y = train_set.labels[idx].to(device, non_blocking=True)
-            with parametrize.cached():  # each orthogonal weight computed once per step
-                logits = net(x)
-            loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
+            try:
+                logits, loss = optimizer_step(net, optimizer, loss_fn, x, y)
+            except FloatingPointError as err:
                 kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {out}"
                         if history else "no checkpoint was written")
-                raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {epoch + 1}, "
-                                       f"step {b + 1}; {kept}; try a lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+                raise TrainingDiverged(f"{err} at epoch {epoch + 1}, step {b + 1}; {kept}; "
+                                       "try a lower --lr") from None
             step += 1
             seen += len(y)
             hits += int((logits.argmax(1) == y).sum())
