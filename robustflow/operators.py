@@ -9,7 +9,10 @@ The steps of a network only see this small interface:
 * ``op.export()`` returns the same operator with plain (unparametrised) weights.
 
 Orthogonality comes from geotorch (``geotorch.orthogonal``), so it holds by construction
-after every optimiser step; the bounds are nevertheless computed from the weights as they
+after every optimiser step, through either of geotorch's maps from skew-symmetric ``S`` to
+the orthogonal group (``ORTHOGONAL_MAPS``): the matrix exponential ``e^S`` or the Cayley
+transform ``(I − S/2)⁻¹(I + S/2)`` (one LU solve instead of a Padé exponential: cheaper
+per training step, same manifold); the bounds are nevertheless computed from the weights as they
 are, so a certificate never rests on an assumption.
 """
 
@@ -25,6 +28,16 @@ from certify.spectral import (
     matrix_singular_values,
     singular_value_range,
 )
+
+#: geotorch's trivialisations of the orthogonal group (``triv=``), by name.
+ORTHOGONAL_MAPS = ("expm", "cayley")
+
+
+def _orthogonalize(module: nn.Module, name: str, orthogonal_map: str) -> None:
+    """Put ``module.<name>`` on geotorch's Stiefel manifold through ``orthogonal_map``."""
+    if orthogonal_map not in ORTHOGONAL_MAPS:
+        raise ValueError(f"orthogonal_map must be one of {ORTHOGONAL_MAPS}, got {orthogonal_map!r}")
+    geotorch.orthogonal(module, name, triv=orthogonal_map)
 
 
 def _check_input(x: Tensor, expected: tuple[int, ...], who: str) -> None:
@@ -86,14 +99,15 @@ class DenseOperator(LinearOperator):
     True
     """
 
-    def __init__(self, in_features: int, out_features: int, *, orthogonal: bool = True):
+    def __init__(self, in_features: int, out_features: int, *, orthogonal: bool = True,
+                 orthogonal_map: str = "expm"):
         super().__init__()
         n, m = _positive("in_features", in_features), _positive("out_features", out_features)
         self.in_shape, self.out_shape = (n,), (m,)
         self.weight = nn.Parameter(torch.empty(m, n))
         nn.init.orthogonal_(self.weight)
         if orthogonal:
-            geotorch.orthogonal(self, "weight")
+            _orthogonalize(self, "weight", orthogonal_map)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_shape, type(self).__name__)
@@ -192,7 +206,7 @@ class OrthogonalConv(ConvOperator):
     P + (I − P) = I``, so with circular padding ``AᵀA = AAᵀ = I`` exactly, on any grid.
     """
 
-    def __init__(self, channels: int, size: int, kernel_size: int = 3):
+    def __init__(self, channels: int, size: int, kernel_size: int = 3, *, orthogonal_map: str = "expm"):
         super().__init__(channels, channels, size, kernel_size)
         c = self.in_shape[0]
         if c < 2:
@@ -204,8 +218,8 @@ class OrthogonalConv(ConvOperator):
         nn.init.orthogonal_(self.mix)
         for frame in self.frames.data:
             nn.init.orthogonal_(frame)
-        geotorch.orthogonal(self, "mix")
-        geotorch.orthogonal(self, "frames")
+        _orthogonalize(self, "mix", orthogonal_map)
+        _orthogonalize(self, "frames", orthogonal_map)
 
     def kernel(self) -> Tensor:
         c = self.in_shape[0]
@@ -227,14 +241,15 @@ class ChannelMix(ConvOperator):
     orthonormal rows when ``c_out < c_in`` (after a space-to-depth). ``‖A‖ = ‖M‖``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, size: int, *, orthogonal: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, size: int, *, orthogonal: bool = True,
+                 orthogonal_map: str = "expm"):
         super().__init__(in_channels, out_channels, size, kernel_size=1)
         del self.weight
         self.matrix = nn.Parameter(torch.empty(self.out_shape[0], self.in_shape[0]))
         nn.init.orthogonal_(self.matrix)
         self.orthogonal = orthogonal
         if orthogonal:
-            geotorch.orthogonal(self, "matrix")
+            _orthogonalize(self, "matrix", orthogonal_map)
 
     def kernel(self) -> Tensor:
         return self.matrix[:, :, None, None]

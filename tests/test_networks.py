@@ -32,6 +32,7 @@ def _max_jacobian_norm(model: torch.nn.Module, shape: tuple[int, ...], points: i
 @pytest.mark.parametrize(
     "overrides",
     [{}, dict(kind="euler"), dict(stem="unshuffle", channels=(8, 8), pair_rule="exact"),
+     dict(orthogonal_map="cayley"),
      dict(kind="euler", stem="unshuffle", channels=(8, 8))],
 )
 def test_small_image_model_bound_holds_before_and_after_training(overrides: dict) -> None:
@@ -121,6 +122,7 @@ def test_config_round_trip_and_validation() -> None:
         (dict(channels=(4, 32)), "quadruple"),
         (dict(stem="patchify"), "stem must be one of"),
         (dict(pair_rule="loose"), "pair_rule must be one of"),
+        (dict(orthogonal_map="qr"), "orthogonal_map must be one of"),
         (dict(stem="unshuffle", channels=(8, 8, 8, 8, 8)), "and so does the unshuffle stem"),
     ]:
         with pytest.raises(ValueError, match=fragment):

@@ -106,12 +106,18 @@ def test_contractive_step_contracts_at_the_stated_rate() -> None:
     assert float(ratio.max().detach()) <= 0.75 + 1e-6
 
 
-def test_orthogonality_survives_optimiser_steps() -> None:
-    conv, dense = OrthogonalConv(4, 6).double(), DenseOperator(5, 7).double()
-    opt = torch.optim.SGD([*conv.parameters(), *dense.parameters()], lr=0.5)
+@pytest.mark.parametrize("orthogonal_map", ["expm", "cayley"])
+def test_orthogonality_survives_optimiser_steps(orthogonal_map: str) -> None:
+    conv = OrthogonalConv(4, 6, orthogonal_map=orthogonal_map).double()
+    dense = DenseOperator(5, 7, orthogonal_map=orthogonal_map).double()
+    mix = ChannelMix(6, 3, 4, orthogonal_map=orthogonal_map).double()
+    triv = {"expm": "triv=linalg_matrix_exp", "cayley": "triv=cayley"}[orthogonal_map]
+    assert all(triv in repr(m) for m in (conv, dense, mix))
+    opt = torch.optim.SGD([*conv.parameters(), *dense.parameters(), *mix.parameters()], lr=0.5)
     for _ in range(10):
         x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
         loss = (conv(x) ** 3).sum() + (dense(torch.randn(3, 5, dtype=torch.float64)) ** 3).sum()
+        loss = loss + (mix(torch.randn(3, 6, 4, 4, dtype=torch.float64)) ** 3).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -119,6 +125,8 @@ def test_orthogonality_survives_optimiser_steps() -> None:
         assert float((sv - 1).abs().max()) < 1e-5
         w = dense.weight
         assert torch.allclose(w.T @ w, torch.eye(5, dtype=torch.float64), atol=1e-5)
+    m = mix.matrix  # 3 × 6, orthonormal rows
+    assert torch.allclose(m @ m.T, torch.eye(3, dtype=torch.float64), atol=1e-5)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     assert torch.allclose(conv.adjoint(conv(x)), x, atol=1e-5)
 
@@ -202,6 +210,7 @@ def test_step_sizes_that_break_the_rule_raise(h_e: float, h_c: float, fragment: 
     [
         (lambda: OrthogonalConv(1, 8), "at least 2 channels"),
         (lambda: OrthogonalConv(4, 8, kernel_size=2), "odd"),
+        (lambda: OrthogonalConv(4, 8, orthogonal_map="qr"), "orthogonal_map must be one of"),
         (lambda: DenseOperator(0, 3), "in_features must be a positive integer"),
         (lambda: LearnedStepSizes((0.5, 1.5)), "0 < lo <= hi < 1"),
         (lambda: ExpansiveStep(ChannelMix(2, 3, 4)), "square operator"),
