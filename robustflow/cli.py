@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,6 +170,8 @@ def _train(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     cfg = TrainConfig(**values, progress=not args.no_progress)
     _, record = train(cfg, data_root=args.data_root, download=args.download)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 saves and reports
+        return 0
     print(f"saved {cfg.out} after epoch {record['epoch']}"
           + (f" (stopped: {record['stopped']})" if record.get("stopped") else ""))
     return 0

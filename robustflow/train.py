@@ -123,6 +123,17 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
+def _shared_elapsed(started: float, world: _Dist, device: torch.device) -> float:
+    """Seconds since ``started`` on rank 0's clock, the same on every rank, so that all ranks
+    follow one learning-rate schedule and stop on one step under ``--time-budget``."""
+    elapsed = time.monotonic() - started
+    if world.world > 1:
+        shared = torch.tensor([elapsed], dtype=torch.float64, device=device)
+        dist.broadcast(shared, src=0)
+        elapsed = float(shared)
+    return elapsed
+
+
 def evaluate(model: nn.Module, data: ImageSet, eps: float, device: torch.device,
              batch_size: int = 500) -> dict[str, float]:
     """Clean and certified accuracy at ``eps`` (the bound computed once)."""
@@ -205,6 +216,7 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
     steps_per_epoch = max(1, len(sampler) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     started = time.monotonic()
+    elapsed = 0.0
     stopped = None
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -217,7 +229,6 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
         seen = hits = 0
         loss_sum = 0.0
         for b in bar:
-            elapsed = time.monotonic() - started
             progress = step / total_steps
             if cfg.time_budget:
                 progress = max(progress, elapsed / cfg.time_budget)
@@ -241,7 +252,8 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
             hits += int((logits.argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{hits / seen:.3f}")
-            if cfg.time_budget and time.monotonic() - started >= cfg.time_budget:
+            elapsed = _shared_elapsed(started, world, device)
+            if cfg.time_budget and elapsed >= cfg.time_budget:
                 stopped = "time budget"
                 break
         bar.close()

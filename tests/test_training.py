@@ -416,22 +416,27 @@ def test_config_validation(tmp_path: Path, bad: dict, match: str) -> None:
 # ------------------------------------------------------------------ DDP
 
 
+def _free_port() -> int:
+    """A free local port for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_cpu_processes(tmp_path: Path, sets) -> None:
     write_cifar_folder(tmp_path / "cifar", *sets)
     out = tmp_path / "ddp" / "model.pt"
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "-m", "robustflow.cli", "train", "--preset", "micro", "--data-root", str(tmp_path / "cifar"),
                "--epochs", "1", "--batch-size", "32", "--val-size", "20", "--device", "cpu",
                "--out", str(out), "--no-progress"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(f"saved {out} after epoch 1") == 1  # only rank 0 reports and saves
+    assert done.stdout.count(f"saved {out}") == 1  # only rank 0 reports and saves
+    assert f"saved {out} after epoch 1" in done.stdout
     assert [p.name for p in out.parent.iterdir()] == ["model.pt"]
     model, record = model_from_checkpoint(out)
     assert record["epoch"] == 1 and record["train_images"] == 200
@@ -439,3 +444,13 @@ def test_ddp_two_cpu_processes(tmp_path: Path, sets) -> None:
     assert load_checkpoint(out)["training"]["step"] == 100 // 32
     assert record["history"][0]["epoch"] == 1
     assert model.lipschitz_bound() <= 1 + 1e-5
+    # under a time budget every rank follows rank 0's clock: one schedule, one last step
+    # (a rank that stopped alone would leave the other waiting in all-reduce until the timeout)
+    budgeted = [*command[:command.index("--epochs")], "--epochs", "400", "--time-budget", "2",
+                *command[command.index("--batch-size"):]]
+    budgeted[budgeted.index("--master_port") + 1] = str(_free_port())
+    done = subprocess.run(budgeted, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(stopped: time budget)" in done.stdout
+    _, record = model_from_checkpoint(out)
+    assert record["stopped"] == "time budget" and record["epoch"] < 400
