@@ -5,12 +5,12 @@
 
 Trains robustflow's default recipe with the given overrides — ``TrainConfig`` fields at the
 top level, ``NetworkConfig`` fields under ``"net"``, applied to ``"preset"`` (default
-``small``) — for one pass over the first ``--images`` training images (or ``--budget``
-seconds, whichever ends first), then prints one JSON line: parameters, training seconds and
-images per second, clean accuracy and certified accuracy at 36/255 and 0.3 on the first
-``--test-n`` test images, and the proven Lipschitz bound. The probes behind the ``fast``
-preset are in ``docs/results/probes.jsonl`` (one core each, two probes at a time,
-measured with an earlier copy of this script whose ``img_s`` included data loading).
+``small``) — for one pass over the first ``--images`` training images (``"epochs"`` passes
+if given; ``--budget`` seconds end it earlier), then prints one JSON line: parameters,
+training seconds and images per second, clean accuracy and certified accuracy at 36/255
+and 0.3 on the first ``--test-n`` test images, and the proven Lipschitz bound. The probes
+behind the ``fast`` preset are in ``docs/results/probes.jsonl`` (one core each, two probes
+at a time, measured with an earlier copy of this script whose ``img_s`` included data loading).
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ def probe(name: str, overrides: dict, data_root: str | None, images: int, budget
     networks.PRESETS["probe"] = dataclasses.replace(networks.preset(base), **net)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = dataclasses.replace(TrainConfig(), preset="probe", epochs=1, limit=images, val_size=0,
-                                      time_budget=budget, out=str(Path(tmp) / "probe.pt"), progress=False,
-                                      **overrides)
+            fields = dict(epochs=1, limit=images, val_size=0, time_budget=budget, progress=False)
+            fields.update(overrides)  # e.g. several epochs ended by --budget
+            cfg = dataclasses.replace(TrainConfig(), preset="probe", out=str(Path(tmp) / "probe.pt"),
+                                      **fields)
             started = time.monotonic()
             model, record = train(cfg, data_root=data_root, log=lambda *_: None)
             seconds = time.monotonic() - started

@@ -92,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render", action="store_true",
                         help="only rewrite RESULTS.md from the existing results.json")
     parser.add_argument("--only", help="comma-separated sections to run, e.g. 1,3 (default all)")
+    parser.add_argument("--reuse", default="",
+                        help="section 1: comma-separated models (e.g. sll,torchlip) to take from "
+                             "--models-dir instead of retraining; they must have been trained "
+                             "with the same budget and layout")
     parser.add_argument("--test-n", type=int, help="test images to certify (all; quick 1000)")
     parser.add_argument("--attack-n", type=int, help="test images for PGD in section 1 (all; quick 200)")
     parser.add_argument("--attack-steps", type=int, default=10, help="PGD iterations")
@@ -107,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.reuse = [name.strip() for name in args.reuse.split(",") if name.strip()]
+    unknown = sorted(set(args.reuse) - set(MODELS))
+    if unknown:
+        parser.error(f"--reuse takes model names among {', '.join(MODELS)}, got {', '.join(unknown)}")
     args.sections = (sorted(SECTIONS) if not args.only
                      else sorted({int(s) for s in args.only.split(",") if s.strip()}))
     if not set(args.sections) <= set(SECTIONS):
@@ -171,6 +179,29 @@ class Context:
                 self.train_model(name)
         return self.models[name]
 
+    def reuse_model(self, name: str) -> dict:
+        """Load ``name`` from ``--models-dir`` after checking that it is what a retrain would
+        give: the same budget and, for a peer, the same width/depth/stem/target (from the
+        current default preset). Raises ``SystemExit`` with the mismatch otherwise."""
+        path = Path(self.args.models_dir) / f"{name}.pt"
+        if not path.is_file():
+            raise SystemExit(f"--reuse {name}: no trained model at {path}; run section 1 without --reuse")
+        model, info = load_trained(name, path)
+        expected: dict[str, Any] = {"budget": self.args.budget, "recipe": _recipe()}
+        if name == "robustflow":
+            expected["preset"] = TrainConfig().preset
+        else:
+            _, spec = build_peer(name)
+            expected.update({k: spec[k] for k in ("width", "depth", "stem", "target")})
+        wrong = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+        if wrong:
+            detail = ", ".join(f"{k} {got!r} (now {want!r})" for k, (got, want) in wrong.items())
+            raise SystemExit(f"--reuse {name}: {path} was trained differently: {detail}; retrain it")
+        info["reused_from"] = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(
+            timespec="minutes")
+        self.models[name], self.infos[name] = model.eval(), info
+        return info
+
     def train_model(self, name: str) -> dict:
         """Train ``name`` for the budget, keep it and save it under ``--models-dir``."""
         out = Path(self.args.models_dir)
@@ -186,7 +217,8 @@ class Context:
         else:
             torch.manual_seed(cfg.seed)
             model, info = build_peer(name)
-            info.update(train_budgeted(model, self.train(), self.args.budget, cfg))
+            info.update(train_budgeted(model, self.train(), self.args.budget, cfg),
+                        budget=self.args.budget, recipe=_recipe())
             torch.save({"info": info, "state_dict": model.state_dict()}, cfg.out)
         info["budget"] = self.args.budget
         self.models[name], self.infos[name] = model.eval(), info
@@ -198,10 +230,11 @@ def load_trained(name: str, path: Path) -> tuple[nn.Module, dict]:
     if name == "robustflow":
         model, record = model_from_checkpoint(path)
         metrics = record.get("metrics", {})
+        recipe = {k: record["train"].get(k) for k in _recipe()}
         return model, {"parameters": count_parameters(model), "preset": record["train"]["preset"],
                        "epochs": record["epoch"], "seconds": metrics.get("seconds"),
                        "images_per_second": metrics.get("images_per_second"),
-                       "budget": record["train"]["time_budget"]}
+                       "budget": record["train"]["time_budget"], "recipe": recipe}
     payload = torch.load(path, map_location="cpu", weights_only=True)
     info = payload["info"]
     model = BUILDERS[name](info["width"], info["depth"], stem=info.get("stem", "lift"))
@@ -258,8 +291,12 @@ def section_training(ctx: Context) -> dict:
     test = ctx.test(args.test_n)
     attack_set = ctx.test(args.attack_n)
     for name in MODELS:
-        print(f"[1] training {name} for {args.budget:.0f} s", flush=True)
-        ctx.train_model(name)
+        if name in args.reuse:
+            print(f"[1] reusing {name} from {args.models_dir}", flush=True)
+            ctx.reuse_model(name)
+        else:
+            print(f"[1] training {name} for {args.budget:.0f} s", flush=True)
+            ctx.train_model(name)
         plain = ctx.plain(name)
         report = certify_dataset(plain, test, EPSILONS, progress=False, name=name)
         row: dict[str, Any] = {**ctx.infos[name], "label": LABELS[name], "n": report.n,
@@ -532,6 +569,11 @@ def render(results: dict) -> str:
                 f"{_pct(r['own_certified_accuracy']['0.3'])} | {r['lipschitz_bound']:.6g} | "
                 f"{_pct(p['robust_accuracy'])} ({_pct(p['clean_accuracy'])} / "
                 f"{_pct(p['certified_accuracy'])}) |")
+        reused = [r for r in s["models"].values() if r.get("reused_from")]
+        if reused:
+            lines += ["", "Not retrained in this run (`--reuse`): " + "; ".join(
+                f"{r['label']}, trained {r['reused_from']} by an earlier run with the same budget, "
+                f"recipe and layout" for r in reused) + "."]
         lines += ["", "\"certified\" is robustflow's `certify` (proven bound, exported weights); "
                   "\"own cert.\" is each library's own certificate:", ""]
         for r in s["models"].values():

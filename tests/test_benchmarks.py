@@ -146,6 +146,22 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
                           "--out-dir", str(out), "--models-dir", str(tmp_path / "models")])
     assert set(again["sections"]) == {"1", "2", "3", "4", "5"}  # earlier sections kept
     assert again["sections"]["3"]["settings"]["n"] == 20
+    # --reuse: the peers come back from --models-dir untouched, robustflow is retrained
+    sizes = ["--data-root", str(root), "--only", "1", "--test-n", "30", "--attack-n", "16",
+             "--out-dir", str(out), "--models-dir", str(tmp_path / "models")]
+    sll_file = tmp_path / "models" / "sll.pt"
+    before = sll_file.read_bytes()
+    reused = run_all.main([*sizes, "--budget", "2", "--reuse", "sll,torchlip"])["sections"]["1"]["models"]
+    assert sll_file.read_bytes() == before
+    assert "reused_from" in reused["sll"] and "reused_from" in reused["torchlip"]
+    assert "reused_from" not in reused["robustflow"]
+    assert reused["sll"]["certified_accuracy"] == models["sll"]["certified_accuracy"]
+    assert "Not retrained in this run (`--reuse`): SLL" in (out / "RESULTS.md").read_text()
+    with pytest.raises(SystemExit, match="sll.pt was trained differently: budget 2.0 \\(now 3.0\\)"):
+        run_all.main([*sizes, "--budget", "3", "--reuse", "sll"])
+    with pytest.raises(SystemExit) as info:
+        run_all.main([*sizes, "--reuse", "resnet"])
+    assert info.value.code == 2
     (out / "RESULTS.md").unlink()
     run_all.main(["--render", "--out-dir", str(out)])  # the report again from results.json alone
     assert "## 3. " in (out / "RESULTS.md").read_text()
@@ -160,7 +176,7 @@ def test_recipe_probe_trains_a_variant_and_reports_it(tmp_path: Path, capsys) ->
     root = tmp_path / "data"
     write_cifar_folder(root, synthetic_set(64, 0), synthetic_set(20, 1))
     log = tmp_path / "probes.jsonl"
-    overrides = '{"batch_size": 16, "preset": "micro", "net": {"stem": "unshuffle"}}'
+    overrides = '{"batch_size": 16, "epochs": 2, "preset": "micro", "net": {"stem": "unshuffle"}}'
     result = probe_recipe.main(["unshuffled", overrides, "--data-root", str(root), "--images", "64",
                                 "--test-n", "20", "--log", str(log)])
     assert json.loads(log.read_text()) == result == json.loads(capsys.readouterr().out)
