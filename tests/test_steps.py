@@ -140,7 +140,13 @@ def test_fast_kernel_composition_and_padding_match_their_definitions() -> None:
     assert torch.allclose(compose_kernels(a, b), expected, atol=1e-12)
     x = torch.randn(2, 3, 5, 6)
     for p in (0, 1, 2):
-        assert torch.equal(circular_pad(x, p), F.pad(x, (p, p, p, p), mode="circular"))
+        expected = F.pad(x, (p, p, p, p), mode="circular")
+        assert torch.equal(circular_pad(x, p), expected)  # no gradient: F.pad itself
+        leaf = x.clone().requires_grad_()
+        padded = circular_pad(leaf, p)  # with gradient: the concatenations
+        assert torch.equal(padded.detach(), expected)
+        if p:
+            assert padded.grad_fn is not None and "Cat" in type(padded.grad_fn).__name__
     assert torch.equal(Sigma()(x), torch.maximum(x, x / 2))
 
 
