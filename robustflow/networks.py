@@ -56,6 +56,9 @@ class NetworkConfig:
         channels: width of each stage; the grid halves between stages.
         steps_per_stage: residual steps per stage (even for ``lipschitz``: pairs).
         kernel_size: odd spatial size of the convolution kernels.
+        expansive_kernel_size: odd kernel size of the expansive steps' ``W`` (``None``: the
+            same as ``kernel_size``; ``1``: an orthogonal channel mix, one 3×3 convolution
+            fewer per pair, the contractive step still sees a 3×3 neighbourhood).
         image_size: side of the square input images.
         in_channels: input channels (3 for RGB).
         num_classes: number of logits.
@@ -76,6 +79,7 @@ class NetworkConfig:
     channels: tuple[int, ...] = (16, 32, 64)
     steps_per_stage: int = 2
     kernel_size: int = 3
+    expansive_kernel_size: int | None = None
     image_size: int = 32
     in_channels: int = 3
     num_classes: int = 10
@@ -104,6 +108,10 @@ class NetworkConfig:
                 f"steps_per_stage must be even for kind='lipschitz' (expansive/contractive "
                 f"pairs), got {self.steps_per_stage}"
             )
+        for name, k in (("kernel_size", self.kernel_size),
+                        ("expansive_kernel_size", self.expansive_kernel_size)):
+            if k is not None and (int(k) != k or k < 1 or k % 2 == 0):
+                raise ValueError(f"{name} must be an odd positive integer, got {k!r}")
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
         halvings = len(self.channels) + (self.stem == "unshuffle")
@@ -164,9 +172,10 @@ def preset(name: str, **overrides: Any) -> NetworkConfig:
 def _lipschitz_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequential:
     pairs = []
     for _ in range(cfg.steps_per_stage // 2):
-        conv = dict(kernel_size=cfg.kernel_size, orthogonal_map=cfg.orthogonal_map)
-        expansive = ExpansiveStep(OrthogonalConv(channels, size, **conv))
-        contractive = ContractiveStep(OrthogonalConv(channels, size, **conv))
+        k_e = cfg.kernel_size if cfg.expansive_kernel_size is None else cfg.expansive_kernel_size
+        w = OrthogonalConv(channels, size, k_e, orthogonal_map=cfg.orthogonal_map)
+        a = OrthogonalConv(channels, size, cfg.kernel_size, orthogonal_map=cfg.orthogonal_map)
+        expansive, contractive = ExpansiveStep(w), ContractiveStep(a)
         sizes = LearnedStepSizes(cfg.h_c_range, cfg.expansive_share, cfg.pair_rule)
         pairs.append(ExpansiveContractivePair(expansive, contractive, sizes))
     return nn.Sequential(*pairs)

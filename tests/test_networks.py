@@ -32,7 +32,7 @@ def _max_jacobian_norm(model: torch.nn.Module, shape: tuple[int, ...], points: i
 @pytest.mark.parametrize(
     "overrides",
     [{}, dict(kind="euler"), dict(stem="unshuffle", channels=(8, 8), pair_rule="exact"),
-     dict(orthogonal_map="cayley"),
+     dict(orthogonal_map="cayley"), dict(expansive_kernel_size=1),
      dict(kind="euler", stem="unshuffle", channels=(8, 8))],
 )
 def test_small_image_model_bound_holds_before_and_after_training(overrides: dict) -> None:
@@ -53,6 +53,14 @@ def test_default_cifar_models_are_one_lipschitz(name: str) -> None:
     bound = model.lipschitz_bound()
     assert bound <= 1 + 1e-5
     assert _max_jacobian_norm(model, model.input_shape, points=2) <= bound * (1 + 1e-5)
+
+
+def test_expansive_kernel_size_sets_only_the_expansive_operator() -> None:
+    model = build_model(preset("tiny", expansive_kernel_size=1))
+    pair = model.stage1[0]
+    assert pair.expansive.W.kernel().shape[-2:] == (1, 1)
+    assert pair.contractive.A.kernel().shape[-2:] == (3, 3)
+    assert NetworkConfig.from_dict(model.config.to_dict()) == model.config
 
 
 def test_paper_preset_has_the_papers_layout() -> None:
@@ -123,6 +131,7 @@ def test_config_round_trip_and_validation() -> None:
         (dict(stem="patchify"), "stem must be one of"),
         (dict(pair_rule="loose"), "pair_rule must be one of"),
         (dict(orthogonal_map="qr"), "orthogonal_map must be one of"),
+        (dict(expansive_kernel_size=2), "expansive_kernel_size must be an odd positive integer"),
         (dict(stem="unshuffle", channels=(8, 8, 8, 8, 8)), "and so does the unshuffle stem"),
     ]:
         with pytest.raises(ValueError, match=fragment):
