@@ -171,8 +171,8 @@ def preset(name: str, **overrides: Any) -> NetworkConfig:
 
 def _lipschitz_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequential:
     pairs = []
+    k_e = cfg.kernel_size if cfg.expansive_kernel_size is None else cfg.expansive_kernel_size
     for _ in range(cfg.steps_per_stage // 2):
-        k_e = cfg.kernel_size if cfg.expansive_kernel_size is None else cfg.expansive_kernel_size
         w = OrthogonalConv(channels, size, k_e, orthogonal_map=cfg.orthogonal_map)
         a = OrthogonalConv(channels, size, cfg.kernel_size, orthogonal_map=cfg.orthogonal_map)
         expansive, contractive = ExpansiveStep(w), ContractiveStep(a)

@@ -252,10 +252,11 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
             hits += int((logits.argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{hits / seen:.3f}")
-            elapsed = _shared_elapsed(started, world, device)
-            if cfg.time_budget and elapsed >= cfg.time_budget:
-                stopped = "time budget"
-                break
+            if cfg.time_budget:  # only a budget needs the (shared) clock
+                elapsed = _shared_elapsed(started, world, device)
+                if elapsed >= cfg.time_budget:
+                    stopped = "time budget"
+                    break
         bar.close()
         train_time = time.monotonic() - started
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
