@@ -18,6 +18,8 @@ are, so a certificate never rests on an assumption.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import geotorch
 import torch
 import torch.nn.functional as F
@@ -67,6 +69,10 @@ class LinearOperator(nn.Module):
 
     def singular_values(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def sandwich(self, x: Tensor, inner: Callable[[Tensor], Tensor]) -> Tensor:
+        """``Aᵀ inner(A x)``, with the weights of ``A`` computed once for both products."""
+        return self.adjoint(inner(self(x)))
 
     def singular_value_range(self) -> tuple[float, float]:
         """Proven ``(σ_min, σ_max)`` of ``A`` on its input space (float64)."""
@@ -143,16 +149,36 @@ def compose_kernels(a: Tensor, b: Tensor) -> Tensor:
     return F.conv2d(padded, b.transpose(0, 1).flip(2, 3))
 
 
+class _CircularPad(torch.autograd.Function):
+    """``F.pad(mode="circular")`` forward; the backward folds the border gradients back onto
+    the rows and columns they were copied from (a few strip additions, instead of the full-size
+    zero-fill-and-add per slice that autograd would record for concatenated slices)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: int) -> Tensor:
+        ctx.p = p
+        return F.pad(x, (p, p, p, p), mode="circular")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        p = ctx.p
+        rows = grad[..., p:-p, :].clone()
+        rows[..., :p, :] += grad[..., -p:, :]
+        rows[..., -p:, :] += grad[..., :p, :]
+        folded = rows[..., p:-p].clone()
+        folded[..., :p] += rows[..., -p:]
+        folded[..., -p:] += rows[..., :p]
+        return folded, None
+
+
 def circular_pad(x: Tensor, p: int) -> Tensor:
-    """Wrap the last two dimensions around by ``p``: ``F.pad(mode="circular")``, whose forward
-    is faster, when no gradient flows (inference, certification), else two concatenations,
-    whose backward is cheaper (training, attacks). Both give the same tensor."""
+    """Wrap the last two dimensions around by ``p`` (``F.pad(mode="circular")``, with the cheap
+    backward of :class:`_CircularPad`)."""
     if p == 0:
         return x
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return F.pad(x, (p, p, p, p), mode="circular")
-    x = torch.cat([x[..., -p:, :], x, x[..., :p, :]], dim=-2)
-    return torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)
+    if p > min(x.shape[-2:]):
+        raise ValueError(f"cannot wrap a {tuple(x.shape[-2:])} grid around by {p}")
+    return _CircularPad.apply(x, p)
 
 
 class ConvOperator(LinearOperator):
@@ -187,7 +213,15 @@ class ConvOperator(LinearOperator):
         return F.conv2d(self._pad(x), self.kernel())
 
     def adjoint(self, y: Tensor) -> Tensor:
-        return F.conv2d(self._pad(y), self.kernel().transpose(0, 1).flip(2, 3))
+        return self._adjoint(y, self.kernel())
+
+    def _adjoint(self, y: Tensor, kernel: Tensor) -> Tensor:
+        return F.conv2d(self._pad(y), kernel.transpose(0, 1).flip(2, 3))
+
+    def sandwich(self, x: Tensor, inner: Callable[[Tensor], Tensor]) -> Tensor:
+        _check_input(x, self.in_shape, type(self).__name__)
+        kernel = self.kernel()  # BCOP: one kernel composition for A and Aᵀ
+        return self._adjoint(inner(F.conv2d(self._pad(x), kernel)), kernel)
 
     def singular_values(self) -> Tensor:
         return circular_conv_singular_values(self.kernel(), self.in_shape[1:])
@@ -226,14 +260,16 @@ class OrthogonalConv(ConvOperator):
         _orthogonalize(self, "frames", orthogonal_map)
 
     def kernel(self) -> Tensor:
-        c = self.in_shape[0]
-        eye = torch.eye(c, dtype=self.mix.dtype, device=self.mix.device)
+        # Each factor multiplies the kernel by [P, I − P] along one axis: K' = [K P, 0] + [0, K − K P]
+        # (the taps of :func:`compose_kernels` with a two-tap block, as matrix products).
         kernel = self.mix[:, :, None, None]
         for i, frame in enumerate(self.frames):
-            proj = frame @ frame.T
-            taps = torch.stack([proj, eye - proj], dim=-1)  # (c, c, 2)
-            block = taps[:, :, None, :] if i % 2 == 0 else taps[:, :, :, None]
-            kernel = compose_kernels(kernel, block)
+            kp = torch.einsum("oiyx,ij->ojyx", kernel, frame @ frame.T)
+            rest = kernel - kp
+            if i % 2 == 0:  # R(P): a 1×2 row factor, the kernel grows by one column
+                kernel = F.pad(kp, (0, 1)) + F.pad(rest, (1, 0))
+            else:  # C(P): a 2×1 column factor, one row more
+                kernel = F.pad(kp, (0, 0, 0, 1)) + F.pad(rest, (0, 0, 1, 0))
         return kernel
 
 

@@ -79,7 +79,7 @@ class ContractiveStep(nn.Module):
 
     def forward(self, x: Tensor, step_size: Tensor | None = None) -> Tensor:
         h = self.step_size if step_size is None else step_size
-        return x - h * self.A.adjoint(sigma(self.A(x) + self.bias))
+        return x - h * self.A.sandwich(x, lambda z: sigma(z + self.bias))
 
     def lipschitz_bound(self, step_size: float | Tensor | None = None) -> float:
         h = float(self.step_size if step_size is None else step_size)

@@ -138,25 +138,39 @@ def test_fast_kernel_composition_and_padding_match_their_definitions() -> None:
     for u1, u2, v1, v2 in itertools.product(range(3), range(2), range(2), range(3)):
         expected[:, :, u1 + v1, u2 + v2] += a[:, :, u1, u2] @ b[:, :, v1, v2]  # (a ∘ b)_w = Σ a_u b_v
     assert torch.allclose(compose_kernels(a, b), expected, atol=1e-12)
-    x = torch.randn(2, 3, 5, 6)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
     for p in (0, 1, 2):
         expected = F.pad(x, (p, p, p, p), mode="circular")
-        assert torch.equal(circular_pad(x, p), expected)  # no gradient: F.pad itself
+        assert torch.equal(circular_pad(x, p), expected)
         leaf = x.clone().requires_grad_()
-        padded = circular_pad(leaf, p)  # with gradient: the concatenations
-        assert torch.equal(padded.detach(), expected)
-        if p:
-            assert padded.grad_fn is not None and "Cat" in type(padded.grad_fn).__name__
+        grad = torch.randn_like(expected)
+        (folded,) = torch.autograd.grad(circular_pad(leaf, p), leaf, grad)
+        (reference,) = torch.autograd.grad(F.pad(leaf, (p, p, p, p), mode="circular"), leaf, grad)
+        assert torch.allclose(folded, reference, atol=1e-12)  # the hand-written backward
+    with pytest.raises(ValueError, match="cannot wrap"):
+        circular_pad(x, 6)
+    # the BCOP kernel built by matrix products equals the composition of its factors
+    conv = OrthogonalConv(6, 5, kernel_size=5).double()
+    eye = torch.eye(6, dtype=torch.float64)
+    with torch.no_grad():
+        reference = conv.mix[:, :, None, None]
+        for i, frame in enumerate(conv.frames):
+            taps = torch.stack([frame @ frame.T, eye - frame @ frame.T], dim=-1)
+            block = taps[:, :, None, :] if i % 2 == 0 else taps[:, :, :, None]
+            reference = compose_kernels(reference, block)
+        assert torch.allclose(conv.kernel(), reference, atol=1e-12)
     assert torch.equal(Sigma()(x), torch.maximum(x, x / 2))
 
 
 def test_adjoint_is_exact() -> None:
-    for op in (OrthogonalConv(3, 5), ConvOperator(2, 4, 5), ChannelMix(3, 2, 5)):
+    for op in (OrthogonalConv(3, 5), ConvOperator(2, 4, 5), ChannelMix(3, 2, 5), DenseOperator(3, 4)):
         op = op.double()
         x = torch.randn(2, *op.in_shape, dtype=torch.float64)
         y = torch.randn(2, *op.out_shape, dtype=torch.float64)
         with torch.no_grad():
             assert float((op(x) * y).sum()) == pytest.approx(float((x * op.adjoint(y)).sum()), abs=1e-9)
+            # Aᵀ inner(A x) with the weights computed once equals the two products apart
+            assert torch.allclose(op.sandwich(x, torch.tanh), op.adjoint(torch.tanh(op(x))), atol=1e-12)
 
 
 @pytest.mark.parametrize("rule", ["paper", "exact"])
