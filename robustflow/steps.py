@@ -134,17 +134,24 @@ def contraction_factor(h_c: float) -> float:
 PAIR_RULES = ("paper", "exact")
 
 
+#: Largest ``h_C`` each rule admits: the paper's factor reaches 1 at ``h_C = 1``; the exact
+#: factor ``max(|1 − h_C|, 1 − h_C/2)`` stays below 1 up to ``h_C = 2``.
+H_C_LIMITS = {"paper": 1.0, "exact": 2.0}
+
+
 def exact_contraction_factor(h_c: float) -> float:
-    """Exact bound ``1 − h_C/2`` of a contractive step with an isometric ``A`` (``h_C ≤ 4/3``)."""
-    return 1.0 - 0.5 * h_c
+    """Exact bound ``max(|1 − h_C|, 1 − h_C/2)`` of a contractive step with an isometric ``A``
+    (``1 − h_C/2`` up to ``h_C = 4/3``, where it is smallest: 1/3)."""
+    return max(abs(1.0 - h_c), 1.0 - 0.5 * h_c)
 
 
 def max_expansive_step(h_c: float, rule: str = "paper") -> float:
     """Largest ``h_E`` allowed with ``h_C``.
 
-    ``paper``: ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``. ``exact``: ``(1 − h_C/2)(1 + h_E) ≤ 1``,
-    i.e. ``h_E ≤ h_C / (2 − h_C)`` — the exact spectral bound of the contractive step
-    (see :class:`ContractiveStep`), which allows about twice the expansive step.
+    ``paper``: ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``. ``exact``: ``max(|1 − h_C|, 1 − h_C/2)(1 + h_E)
+    ≤ 1``, i.e. ``h_E ≤ h_C / (2 − h_C)`` for ``h_C ≤ 4/3`` — the exact spectral bound of the
+    contractive step (see :class:`ContractiveStep`), which allows about twice the expansive
+    step, and admits ``h_C`` up to 2.
     """
     factor = contraction_factor(h_c) if rule == "paper" else exact_contraction_factor(h_c)
     return 1.0 / factor - 1.0
@@ -158,12 +165,14 @@ def _check_rule(rule: str) -> str:
 
 def check_pair_rule(h_e: float, h_c: float, rule: str = "paper") -> None:
     """Raise ``ValueError`` unless the pair ``(h_E, h_C)`` obeys ``rule`` (``paper`` or ``exact``)."""
-    if not 0.0 < h_c < 1.0:
-        raise ValueError(f"h_C must lie in (0, 1) for the step to contract, got h_C={h_c}")
-    if _check_rule(rule) == "paper":
+    limit = H_C_LIMITS[_check_rule(rule)]
+    if not 0.0 < h_c < limit:
+        raise ValueError(f"h_C must lie in (0, {limit:g}) for the step to contract under the {rule} "
+                         f"rule, got h_C={h_c}")
+    if rule == "paper":
         product, formula = contraction_factor(h_c) * (1.0 + h_e), "sqrt(1 - h_C + h_C^2)(1 + h_E)"
     else:
-        product, formula = exact_contraction_factor(h_c) * (1.0 + h_e), "(1 - h_C/2)(1 + h_E)"
+        product, formula = exact_contraction_factor(h_c) * (1.0 + h_e), "max(|1 - h_C|, 1 - h_C/2)(1 + h_E)"
     if h_e < 0 or product > 1.0 + 1e-6:  # slack for float32 step sizes
         raise ValueError(
             f"step sizes h_E={h_e}, h_C={h_c} break the {rule} pair rule "
@@ -175,20 +184,23 @@ def check_pair_rule(h_e: float, h_c: float, rule: str = "paper") -> None:
 class LearnedStepSizes(nn.Module):
     """Learnable ``(h_E, h_C)`` that satisfy the pair rule after every optimiser step.
 
-    ``h_C = lo + (hi − lo) s(a)`` in ``[lo, hi] ⊂ (0, 1)`` and ``h_E = s(b) h_E,max(h_C)``
-    with the logistic ``s``: ``h_E,max = 1 / sqrt(1 − h_C + h_C²) − 1`` (``rule="paper"``)
-    or ``h_C / (2 − h_C)`` (``rule="exact"``), so the rule holds by construction.
+    ``h_C = lo + (hi − lo) s(a)`` in ``[lo, hi] ⊂ (0, 1)`` (``(0, 2)`` under the exact rule) and
+    ``h_E = s(b) h_E,max(h_C)`` with the logistic ``s``: ``h_E,max = 1 / sqrt(1 − h_C + h_C²) − 1``
+    (``rule="paper"``) or ``1 / max(|1 − h_C|, 1 − h_C/2) − 1`` (``rule="exact"``), so the rule
+    holds by construction.
     """
 
     def __init__(self, h_c_range: tuple[float, float] = (0.15, 0.5), expansive_share: float = 0.5,
                  rule: str = "paper"):
         super().__init__()
         lo, hi = (float(v) for v in h_c_range)
-        if not 0.0 < lo <= hi < 1.0:
-            raise ValueError(f"h_C range must satisfy 0 < lo <= hi < 1, got ({lo}, {hi})")
+        self.rule = _check_rule(rule)
+        limit = H_C_LIMITS[rule]
+        if not 0.0 < lo <= hi < limit:
+            raise ValueError(f"h_C range must satisfy 0 < lo <= hi < {limit:g} under the {rule} rule, "
+                             f"got ({lo}, {hi})")
         if not 0.0 < expansive_share < 1.0:
             raise ValueError(f"expansive_share must lie in (0, 1), got {expansive_share}")
-        self.rule = _check_rule(rule)
         self.register_buffer("h_c_range", torch.tensor([lo, hi]))
         self.raw_h_c = nn.Parameter(torch.zeros(()))
         self.raw_share = nn.Parameter(torch.logit(torch.tensor(expansive_share)))
@@ -199,7 +211,7 @@ class LearnedStepSizes(nn.Module):
         if self.rule == "paper":
             h_e_max = torch.rsqrt(1.0 - h_c + h_c * h_c) - 1.0
         else:
-            h_e_max = h_c / (2.0 - h_c)
+            h_e_max = 1.0 / torch.maximum((1.0 - h_c).abs(), 1.0 - 0.5 * h_c) - 1.0
         return torch.sigmoid(self.raw_share) * h_e_max, h_c
 
 
@@ -220,7 +232,7 @@ class ExpansiveContractivePair(nn.Module):
     """``Ψ_C ∘ Ψ_E``: an expansive step followed by a contractive one.
 
     The step sizes obey ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1`` (or the exact rule
-    ``(1 − h_C/2)(1 + h_E) ≤ 1``), so the pair is 1-Lipschitz for orthogonal operators;
+    ``max(|1 − h_C|, 1 − h_C/2)(1 + h_E) ≤ 1``), so the pair is 1-Lipschitz for orthogonal operators;
     the bound is the product of the two steps' bounds, computed from the weights.
     """
 

@@ -212,6 +212,36 @@ def test_exact_rule_allows_larger_expansive_steps_and_is_still_one_lipschitz() -
         LearnedStepSizes(rule="loose")
 
 
+@pytest.mark.parametrize("h_c", [1.0, 4 / 3, 1.6, 1.95])
+def test_exact_rule_admits_contractive_steps_up_to_two(h_c: float) -> None:
+    # max(|1 − h_C|, 1 − h_C/2) < 1 for 0 < h_C < 2: the paper's factor does not allow these
+    with pytest.raises(ValueError, match=r"h_C must lie in \(0, 1\)"):
+        check_pair_rule(0.0, h_c, "paper")
+    h_e = max_expansive_step(h_c, "exact")
+    assert h_e == pytest.approx(1 / max(abs(1 - h_c), 1 - h_c / 2) - 1)
+    steps = ExpansiveStep(OrthogonalConv(2, 8)), ContractiveStep(OrthogonalConv(2, 8))
+    pair = ExpansiveContractivePair(*steps, FixedStepSizes(h_e, h_c, "exact")).double()
+    with torch.no_grad():
+        for p in pair.parameters():
+            if p.dim() == 3 and p.shape[0] == 2:  # biases: spread the kinks of Σ
+                p.normal_()
+    assert pair.lipschitz_bound() == pytest.approx(1.0, abs=1e-4)  # float32 weights, h_E up to 2
+    for _ in range(3):
+        x = torch.randn(*IMG, dtype=torch.float64)
+        assert jacobian_norm(pair, x) <= pair.lipschitz_bound() * (1 + 1e-5)
+    # learnable sizes reach that far only under the exact rule, and keep it by construction
+    sizes = LearnedStepSizes((0.15, 1.95), 0.99, "exact")
+    with torch.no_grad():
+        sizes.raw_h_c.fill_(torch.logit(torch.tensor((h_c - 0.15) / 1.8)).item())
+    learned_e, learned_c = (float(v) for v in sizes())
+    assert learned_c == pytest.approx(h_c, abs=1e-5)
+    assert max(abs(1 - learned_c), 1 - learned_c / 2) * (1 + learned_e) <= 1 + 1e-6
+    with pytest.raises(ValueError, match="lo <= hi < 1 under the paper rule"):
+        LearnedStepSizes((0.15, 1.5), 0.5, "paper")
+    with pytest.raises(ValueError, match="lo <= hi < 2 under the exact rule"):
+        LearnedStepSizes((0.15, 2.0), 0.5, "exact")
+
+
 @pytest.mark.parametrize(
     ("h_e", "h_c", "fragment"),
     [(0.3, 0.5, "h_E=0.3, h_C=0.5"), (0.0, 1.2, "h_C must lie in (0, 1)"), (-0.1, 0.5, "break")],
