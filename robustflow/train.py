@@ -41,7 +41,7 @@ class TrainConfig:
     schedule: str = "cosine"
     loss: str = "cce"
     margin: float = 0.15
-    train_eps: float = 0.25
+    train_eps: float = 0.35
     temperature: float = 0.25
     cert_eps: float = 36 / 255
     seed: int = 0

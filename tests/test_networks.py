@@ -33,6 +33,8 @@ def _max_jacobian_norm(model: torch.nn.Module, shape: tuple[int, ...], points: i
     "overrides",
     [{}, dict(kind="euler"), dict(stem="unshuffle", channels=(8, 8), pair_rule="exact"),
      dict(orthogonal_map="cayley"), dict(expansive_kernel_size=1),
+     # the default preset's steps: h_C up to 1.9 under the exact rule
+     dict(orthogonal_map="cayley", expansive_kernel_size=1, pair_rule="exact", h_c_range=(0.15, 1.9)),
      dict(kind="euler", stem="unshuffle", channels=(8, 8))],
 )
 def test_small_image_model_bound_holds_before_and_after_training(overrides: dict) -> None:
