@@ -43,9 +43,16 @@ def circular_conv_singular_values(weight: Tensor, input_size: tuple[int, int]) -
     for a in range(k1):
         for b in range(k2):
             wrapped[:, :, a % n1, b % n2] += w[:, :, a, b]
-    spectrum = torch.fft.fft2(wrapped)  # (c_out, c_in, n1, n2); shifts only change phases
-    per_frequency = spectrum.permute(2, 3, 0, 1).reshape(n1 * n2, c_out, c_in)
-    return torch.linalg.svdvals(per_frequency).reshape(-1)
+    if not wrapped[:, :, 1:, :].any() and not wrapped[:, :, :, 1:].any():
+        # one tap (a 1×1 kernel): K̂(ω) = K_0 at every frequency
+        return torch.linalg.svdvals(wrapped[:, :, 0, 0]).repeat(n1 * n2)
+    # The kernel is real, so K̂(−ω) = conj K̂(ω) has the same singular values: the half
+    # spectrum of rfft2 holds them all, and the columns whose mirror it omits count twice.
+    spectrum = torch.fft.rfft2(wrapped)  # (c_out, c_in, n1, n2 // 2 + 1)
+    half = n2 // 2 + 1
+    values = torch.linalg.svdvals(spectrum.permute(2, 3, 0, 1)).reshape(n1, half, -1)
+    mirrored = values[:, 1:(n2 + 1) // 2]
+    return torch.cat([values.reshape(-1), mirrored.reshape(-1)])
 
 
 def singular_value_range(values: Tensor) -> tuple[float, float]:
