@@ -126,9 +126,9 @@ class ExpansiveStep(nn.Module):
 # ----------------------------------------------------------------- the pair rule
 
 
-def contraction_factor(h_c: float) -> float:
+def contraction_factor(h_c: float | Tensor) -> float | Tensor:
     """The paper's contraction factor ``sqrt(1 − h_C + h_C²)`` of a contractive step."""
-    return math.sqrt(1.0 - h_c + h_c * h_c)
+    return (1.0 - h_c + h_c * h_c) ** 0.5
 
 
 PAIR_RULES = ("paper", "exact")
@@ -139,13 +139,13 @@ PAIR_RULES = ("paper", "exact")
 H_C_LIMITS = {"paper": 1.0, "exact": 2.0}
 
 
-def exact_contraction_factor(h_c: float) -> float:
+def exact_contraction_factor(h_c: float | Tensor) -> float | Tensor:
     """Exact bound ``max(|1 − h_C|, 1 − h_C/2)`` of a contractive step with an isometric ``A``
     (``1 − h_C/2`` up to ``h_C = 4/3``, where it is smallest: 1/3)."""
     return max(abs(1.0 - h_c), 1.0 - 0.5 * h_c)
 
 
-def max_expansive_step(h_c: float, rule: str = "paper") -> float:
+def max_expansive_step(h_c: float | Tensor, rule: str = "paper") -> float | Tensor:
     """Largest ``h_E`` allowed with ``h_C``.
 
     ``paper``: ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``. ``exact``: ``max(|1 − h_C|, 1 − h_C/2)(1 + h_E)
@@ -208,11 +208,7 @@ class LearnedStepSizes(nn.Module):
     def forward(self) -> tuple[Tensor, Tensor]:
         lo, hi = self.h_c_range
         h_c = lo + (hi - lo) * torch.sigmoid(self.raw_h_c)
-        if self.rule == "paper":
-            h_e_max = torch.rsqrt(1.0 - h_c + h_c * h_c) - 1.0
-        else:
-            h_e_max = 1.0 / torch.maximum((1.0 - h_c).abs(), 1.0 - 0.5 * h_c) - 1.0
-        return torch.sigmoid(self.raw_share) * h_e_max, h_c
+        return torch.sigmoid(self.raw_share) * max_expansive_step(h_c, self.rule), h_c
 
 
 class FixedStepSizes(nn.Module):
