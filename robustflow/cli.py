@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a classifier on CIFAR-10 (checkpoint every epoch)")
     defaults = _train_defaults()
-    t.add_argument("--preset", default=defaults.preset, help="micro, small, fast (default) or paper")
+    t.add_argument("--preset", default=defaults.preset, help="micro, small, fast (default), wide or paper")
     t.add_argument("--kind", default=defaults.kind, choices=("lipschitz", "euler"))
     t.add_argument("--data-root", help="folder containing cifar-10-batches-py/ (default $ROBUSTFLOW_DATA)")
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root")
