@@ -138,6 +138,60 @@ class SortActivation(nn.Module):
         return abs(float(self.activation._coefficient_lip))
 
 
+# --------------------------------------------- certify's rules for the exported parts
+
+
+def _sll_rule(block: PlainSLLBlock, io) -> float:
+    return sll_block_bound(block.kernel, block.padding, (block.size,) * 2)
+
+
+def _sll_rounding(block: PlainSLLBlock, io, x):
+    """``x − 2 Kᵀ ReLU(K x + b)``: two convolutions, a bias, an exact ReLU and ×2 (exact)."""
+    from certify.bounds import conv_abs_norm
+
+    c_out, c_in, k1, k2 = block.kernel.shape
+    size_in = c_in * block.size * block.size
+    size_out = c_out * block.size * block.size
+    norm = singular_value_range(circular_conv_singular_values(
+        block.kernel, (block.size + 2 * block.padding,) * 2))[1]
+    absolute = conv_abs_norm(block.kernel)
+    inner = x.linear(norm, absolute, c_in * k1 * k2, size_out).add(
+        float(block.bias.double().norm()) * block.size)
+    inner = inner.elementwise(1.0, 0.0, size_out).linear(norm, absolute, c_out * k1 * k2, size_in)
+    return x.add(inner.scale(2.0, size_in))
+
+
+def _sort_rule(activation: SortActivation, io) -> float:
+    return abs(float(activation.activation._coefficient_lip))
+
+
+def _sort_rounding(activation: SortActivation, io, x):
+    """Sorting and ReLU are exact; torchlip then multiplies by ``k_coef_lip`` (one rounding)."""
+    size = max(math.prod(shape[1:]) for shape in io[1])
+    return x.elementwise(_sort_rule(activation, io), x.u, size)
+
+
+def register_peer_rules() -> None:
+    """Tell ``certify`` how to bound the exported peers' own parts (the proofs are in the
+    docstrings of :func:`sll_block_bound` and :class:`SortActivation`). Called on import: the
+    benchmarks vouch for these classes knowingly, as any user of ``certify.register`` does."""
+    from certify import register, register_component
+
+    register(PlainSLLBlock, _sll_rule, rounding=_sll_rounding,
+             name="benchmarks PlainSLLBlock: max(1, 2‖K‖² − 1)")
+    register(SortActivation, _sort_rule, rounding=_sort_rounding,
+             name="benchmarks SortActivation: |k_coef_lip|")
+    try:
+        from deel.torchlip import FullSort, GroupSort, GroupSort2, MaxMin
+    except ImportError:  # the peers' extra is not installed: nothing of theirs to bound
+        return
+    for cls in (GroupSort, GroupSort2, FullSort, MaxMin):
+        register_component(cls)
+
+
+register_peer_rules()
+
+
 # ------------------------------------------------------------------ builders
 
 

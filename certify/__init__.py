@@ -9,15 +9,25 @@ When ``f = W g + b`` and ``g`` is ``L_b``-Lipschitz, the pairwise radius
 ``min_{j≠y} (f_y − f_j) / (L_b ‖w_y − w_j‖)`` is sound too, and usually larger.
 """
 
-from .bounds import NotCertifiable, lipschitz_bound, split_head
+from .bounds import (
+    NotCertifiable,
+    analyse,
+    freeze,
+    lipschitz_bound,
+    register,
+    register_component,
+    register_sequential,
+    registration,
+    split_head,
+)
 from .certificates import (
-    ROUNDING_SLACK,
     CertificateBatch,
     CertificationReport,
     Certifier,
     global_radius,
     head_distances,
     margins,
+    model_dtype,
     pairwise_radius,
     parse_epsilon,
     parse_epsilons,
@@ -30,21 +40,27 @@ from .spectral import (
 )
 
 __all__ = [
-    "ROUNDING_SLACK",
     "SAFETY",
     "CertificateBatch",
     "CertificationReport",
     "Certifier",
     "NotCertifiable",
     "circular_conv_singular_values",
+    "analyse",
+    "freeze",
     "global_radius",
     "head_distances",
     "lipschitz_bound",
     "margins",
+    "model_dtype",
     "matrix_singular_values",
     "pairwise_radius",
     "parse_epsilon",
     "parse_epsilons",
+    "register",
+    "register_component",
+    "register_sequential",
+    "registration",
     "singular_value_range",
     "split_head",
 ]

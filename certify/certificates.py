@@ -9,6 +9,7 @@ pairwise radius ``min_{j≠y} (f_y − f_j) / (L_b ‖w_y − w_j‖)``.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -21,17 +22,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .bounds import lipschitz_bound, split_head
+from .bounds import analyse, freeze, leaves, local_rounding, product, split_head
+from .rounding import SUPPORTED_DTYPES, Affine, compose_errors, exact_arithmetic
 from .spectral import SAFETY
-
-#: Relative rounding slack: each margin is lowered by ``τ = ROUNDING_SLACK · (1 + max_j |f_j|)``
-#: before dividing. It covers the float32 rounding of the forward pass that produced the
-#: logits (unit roundoff 6e-8; the accumulated error is typically ~1e-6 of the logit scale)
-#: with a wide margin, and the float64 rounding of the bound and the division with it.
-ROUNDING_SLACK = 1e-4
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 _TINY = torch.finfo(torch.float64).tiny
+_SQRT2 = math.sqrt(2.0)
 
 
 def margins(logits: Tensor, labels: Tensor) -> Tensor:
@@ -42,15 +39,19 @@ def margins(logits: Tensor, labels: Tensor) -> Tensor:
     return z.gather(1, labels).squeeze(1) - others.amax(dim=1)
 
 
-def rounding_slack(logits: Tensor) -> Tensor:
-    """``τ = ROUNDING_SLACK · (1 + max_j |f_j|)`` per sample (float64)."""
-    return ROUNDING_SLACK * (1.0 + logits.detach().double().abs().amax(dim=1))
+def _per_sample(slack: Tensor | float, like: Tensor) -> Tensor:
+    return torch.as_tensor(slack, dtype=torch.float64, device=like.device).expand(like.shape[0])
 
 
-def global_radius(logits: Tensor, labels: Tensor, lipschitz: float) -> Tensor:
-    """``max(0, (M − τ) / (√2 L))`` per sample, in float64."""
-    numerator = margins(logits, labels) - rounding_slack(logits)
-    return (numerator / max(math.sqrt(2.0) * lipschitz, _TINY)).clamp_min(0.0)
+def global_radius(logits: Tensor, labels: Tensor, lipschitz: float,
+                  slack: Tensor | float = 0.0) -> Tensor:
+    """``max(0, (M − s) / (√2 L))`` per sample, in float64.
+
+    ``s`` bounds how much rounding can have moved any difference of two logits (``√2 E`` when
+    the computed logits are within ``E`` of the exact ones in L2 norm).
+    """
+    numerator = margins(logits, labels) - _per_sample(slack, logits)
+    return (numerator / max(_SQRT2 * lipschitz, _TINY)).clamp_min(0.0)
 
 
 def head_distances(weight: Tensor) -> Tensor:
@@ -61,14 +62,15 @@ def head_distances(weight: Tensor) -> Tensor:
 
 
 def pairwise_radius(logits: Tensor, labels: Tensor, body_bound: float,
-                    distances: Tensor) -> Tensor:
-    """``max(0, min_{j≠y} (f_y − f_j − τ) / (L_b ‖w_y − w_j‖))`` per sample, in float64.
+                    distances: Tensor, slack: Tensor | float = 0.0) -> Tensor:
+    """``max(0, min_{j≠y} (f_y − f_j − s) / (L_b ‖w_y − w_j‖))`` per sample, in float64.
 
-    ``distances`` comes from :func:`head_distances` of the last Linear layer.
+    ``distances`` comes from :func:`head_distances` of the last Linear layer; ``s`` as in
+    :func:`global_radius`.
     """
     z = logits.detach().double()
     labels = labels.view(-1, 1).to(z.device)
-    gaps = z.gather(1, labels) - z - rounding_slack(z).unsqueeze(1)
+    gaps = z.gather(1, labels) - z - _per_sample(slack, z).unsqueeze(1)
     scale = (body_bound * distances.to(z.device)[labels.squeeze(1)]).clamp_min(_TINY)
     ratios = (gaps / scale).scatter(1, labels, math.inf)
     return ratios.amin(dim=1).clamp_min(0.0)
@@ -82,17 +84,27 @@ def is_certified(correct: Tensor | np.ndarray, radius: Tensor | np.ndarray,
 
 @dataclass
 class CertificateBatch:
-    """Per-sample certificates; ``radius`` is 0 for misclassified samples."""
+    """Per-sample certificates; ``radius`` is 0 for misclassified samples.
+
+    ``rechecked`` marks the samples whose certificate was recomputed in float64 because
+    rounding could have decided it at one of the requested ε.
+    """
 
     prediction: Tensor
     margin: Tensor
     radius: Tensor
     correct: Tensor
+    rechecked: Tensor
 
 
 @dataclass
 class CertificationReport:
-    """Aggregate certificates; the per-sample arrays stay out of ``to_dict``/``to_json``."""
+    """Aggregate certificates; the per-sample arrays stay out of ``to_dict``/``to_json``.
+
+    ``rules`` names the rule that bounded each part (path, type, rule, bound); ``arithmetic``
+    says in which precision the logits were computed, the proven rounding error bound
+    ``E(x) = const + slope ‖x‖`` of the logits, and how many samples were re-checked in float64.
+    """
 
     model: str
     lipschitz_bound: float
@@ -101,10 +113,12 @@ class CertificationReport:
     certified_accuracy: dict[str, float]
     radius_quantiles: dict[str, float]
     method: str
-    labels: np.ndarray = field(repr=False, metadata={"per_sample": True})
-    predictions: np.ndarray = field(repr=False, metadata={"per_sample": True})
-    margins: np.ndarray = field(repr=False, metadata={"per_sample": True})
-    radii: np.ndarray = field(repr=False, metadata={"per_sample": True})
+    rules: list[dict] = field(default_factory=list)
+    arithmetic: dict = field(default_factory=dict)
+    labels: np.ndarray = field(default=None, repr=False, metadata={"per_sample": True})
+    predictions: np.ndarray = field(default=None, repr=False, metadata={"per_sample": True})
+    margins: np.ndarray = field(default=None, repr=False, metadata={"per_sample": True})
+    radii: np.ndarray = field(default=None, repr=False, metadata={"per_sample": True})
 
     def certified_accuracy_at(self, eps: float) -> float:
         """Fraction of samples certified at ``eps``."""
@@ -128,48 +142,169 @@ class CertificationReport:
                 writer.writerow([index, int(label), int(prediction), float(margin), float(radius)])
 
 
-class Certifier:
-    """Certified radii of ``model`` (any ``nn.Module`` that maps inputs to logits).
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The one floating dtype of ``model``'s parameters and buffers; ``ValueError`` if it has
+    several, or one whose arithmetic certify has no rounding bound for (float16, bfloat16)."""
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    if len(dtypes) > 1:
+        raise ValueError(f"the model mixes floating types {sorted(map(str, dtypes))}; convert it "
+                         "to one with model.float() or model.double()")
+    dtype = dtypes.pop() if dtypes else torch.float32
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"the model computes in {dtype}, whose rounding certify cannot bound; "
+                         "certify a float32 or float64 copy (model.float())")
+    return dtype
 
-    The Lipschitz bound (and, for ``method="pairwise"``, the body bound and head row
-    distances) is computed once, here: re-create the certifier after changing the
-    parameters or the train/eval mode. ``"auto"`` uses ``"pairwise"`` when the model is a
-    Sequential ending in a Linear layer, else ``"global"``; pairwise keeps per sample the
-    larger of the two radii, both being sound.
+
+class Certifier:
+    """Certified radii of ``model`` (an ``nn.Module`` mapping inputs of ``input_shape`` to logits).
+
+    At construction the model is checked (only registered computations, no hooks; see
+    :mod:`certify.bounds`), frozen (input-independent values materialised) and bounded once:
+    the Lipschitz bound, for ``method="pairwise"`` the body bound and head row distances, and a
+    proven bound ``E(x)`` on the rounding error of the logits in the model's precision. Re-create
+    the certifier after changing the parameters; later changes to ``model`` do not affect it.
+
+    Every forward pass runs in exact IEEE arithmetic (:func:`~certify.rounding.exact_arithmetic`:
+    no TF32, no autocast). Radii are lowered by the rounding bound, so they are sound; a sample
+    whose decision at one of the requested ``epsilons`` rounding could have flipped is recomputed
+    in float64, so every decision at those ε equals the decision computed in float64.
+    ``"auto"`` uses ``"pairwise"`` when the model is a sequential ending in a Linear layer
+    (keeping per sample the larger of the two sound radii), else ``"global"``.
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...],
                  method: str = "auto") -> None:
         if method not in ("auto", "global", "pairwise"):
             raise ValueError(f"method must be 'auto', 'global' or 'pairwise', got {method!r}")
-        self.model = model
-        parts = split_head(model) if method != "global" else None
-        if method == "pairwise" and parts is None:
-            raise ValueError("pairwise certificates need an nn.Sequential ending in nn.Linear")
-        self.method = "global" if parts is None else "pairwise"
-        if parts is None:
-            self.lipschitz = lipschitz_bound(model, input_shape)
-        else:  # L = L_body · ‖head‖, rounded up: the body is bounded once, not twice
-            body, head = parts
-            self.body_bound = lipschitz_bound(body, input_shape)
-            head_bound = lipschitz_bound(nn.Sequential(head), (head.in_features,))
-            self.lipschitz = math.nextafter(self.body_bound * head_bound, math.inf)
-            self.distances = head_distances(head.weight)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.dtype = model_dtype(model)
+        with exact_arithmetic():
+            analyse(model, self.input_shape)  # refuse what certify cannot see, before copying
+            self.model = freeze(model).train(model.training)
+            parts = analyse(self.model, self.input_shape)
+            self._model64 = copy.deepcopy(self.model).double()
+            offsets = self._offsets(parts)
+        split = split_head(self.model) if method != "global" else None
+        if method == "pairwise" and split is None:
+            raise ValueError("pairwise certificates need a sequential model ending in nn.Linear")
+        self.method = "global" if split is None else "pairwise"
+        self.lipschitz = product(part.bound for part in parts)
+        if split is not None:  # L = L_body · ‖head‖: the body bounded once, not twice
+            self.body_bound = product(part.bound for part in parts[:-1])
+            self.distances = head_distances(split[1].weight)
+        self.parts = [{"path": p.path, "type": type(p.module).__name__, "rule": p.rule,
+                       "bound": p.bound} for p in parts]
+        self._leaves = [module for _, module in leaves(self.model)]
+        self._leaves64 = [module for _, module in leaves(self._model64)]
+        self._local = {dtype: local_rounding(parts, self.model, self.input_shape, dtype)
+                       for dtype in {self.dtype, torch.float64}}
+        # Π_{j>k} L_j: how far part k's own rounding error can travel to the logits
+        self._suffix = [product(p.bound for p in parts[k + 1:]) for k in range(len(parts))]
+        #: a-priori bound ``E(‖x‖)`` on the L2 error of the computed logits, per precision
+        self.error = {dtype: compose_errors([(p.bound, offset, local) for p, offset, local
+                                             in zip(parts, offsets, self._local[dtype], strict=True)])[1]
+                      for dtype in self._local}
 
-    def __call__(self, x: Tensor, y: Tensor) -> CertificateBatch:
-        with torch.inference_mode():
-            return self._certify(self.model(x), y)
+    def _offsets(self, parts: list) -> list[float]:
+        """``‖f_k(0)‖`` of every part, computed in float64 and widened past its rounding."""
+        leaves64 = dict(self._model64.named_modules())
+        inputs: dict[str, torch.Size] = {}
 
-    def _certify(self, logits: Tensor, y: Tensor) -> CertificateBatch:
-        y = y.to(logits.device)
-        radius = global_radius(logits, y, self.lipschitz)
+        def record(path: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                inputs.setdefault(path, args[0].shape)
+            return hook
+
+        handles = [leaves64[p.path.removeprefix("model").removeprefix(".")].register_forward_pre_hook(
+            record(p.path)) for p in parts]
+        device = next((t.device for t in self._model64.parameters()), torch.device("cpu"))
+        try:
+            with torch.no_grad():
+                self._model64(torch.zeros(1, *self.input_shape, dtype=torch.float64, device=device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        offsets = []
+        with torch.no_grad():
+            for part in parts:
+                module = leaves64[part.path.removeprefix("model").removeprefix(".")]
+                out = module(torch.zeros(inputs[part.path], dtype=torch.float64, device=device))
+                offsets.append(float(out.norm()) * (1 + 1e-9) + 1e-300)
+        return offsets
+
+    def _check_input(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
+            raise ValueError(f"this certifier was built for inputs of shape (N, "
+                             f"{', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}; "
+                             "the bound depends on the shape: build a Certifier for it")
+        if x.dtype != self.dtype:
+            raise ValueError(f"this certifier computes in {self.dtype}, got inputs of {x.dtype}; "
+                             f"convert them with .to({self.dtype})")
+
+    def _radius(self, logits: Tensor, y: Tensor, slack: Tensor) -> Tensor:
+        radius = global_radius(logits, y, self.lipschitz, slack)
         if self.method == "pairwise":
             radius = torch.maximum(radius, pairwise_radius(logits, y, self.body_bound,
-                                                           self.distances))
+                                                           self.distances, slack))
+        return radius
+
+    def _slack(self, dtype: torch.dtype, norms: Tensor) -> Tensor:
+        """``√2 E``: how far rounding can have moved any difference of two logits."""
+        error: Affine = self.error[dtype]
+        return _SQRT2 * (error.const + error.slope * norms) * (1 + 1e-12)
+
+    def _forward(self, x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """The logits computed in ``dtype`` (the model's own by default), part by part, and the
+        bound ``√2 Σ_k Π_{j>k} L_j e_k(‖x̃_{k−1}‖)`` on how far rounding moved any difference of
+        two logits, from the norms of the computed activations."""
+        dtype = self.dtype if dtype is None else dtype
+        parts = self._leaves if dtype == self.dtype else self._leaves64
+        error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        x = x.to(dtype)
+        for leaf, local, suffix in zip(parts, self._local[dtype], self._suffix, strict=True):
+            norm = x.detach().double().flatten(1).norm(dim=1) * (1 + 1e-12)
+            error += suffix * (local.const + local.slope * norm)
+            x = leaf(x)
+        return x, _SQRT2 * error * (1 + 1e-12)
+
+    def __call__(self, x: Tensor, y: Tensor, epsilons: Sequence[float] = ()) -> CertificateBatch:
+        """Certificates of the batch ``x`` with labels ``y``; decisions at ``epsilons`` exact.
+
+        A radius ``r`` from float32 logits within ``E`` of the exact ones is bracketed by
+        ``r_lo`` (every logit gap lowered by ``√2 (E + 2 E₆₄)``) and ``r_hi`` (raised by ``√2 E``),
+        and the float64 radius lies in between. Samples with ``r_lo ≤ ε < r_hi`` for a requested
+        ``ε`` are recomputed in float64; the others keep ``r_lo``, whose decision is the same.
+        """
+        self._check_input(x)
+        y = y.to(x.device)
+        with torch.inference_mode(), exact_arithmetic():
+            logits, slack = self._forward(x)
+            if self.dtype == torch.float64:
+                return self._batch(logits, y, self._radius(logits, y, slack),
+                                   torch.zeros_like(y, dtype=torch.bool))
+            norms = x.detach().double().flatten(1).norm(dim=1)
+            low = self._radius(logits, y, slack + 2 * self._slack(torch.float64, norms))
+            high = self._radius(logits, y, -slack)
+            correct = logits.argmax(dim=1) == y
+            unsure = torch.zeros_like(correct)
+            for eps in epsilons:
+                if eps > 0:
+                    unsure |= correct & (low <= eps) & (high > eps)
+            if not unsure.any():
+                return self._batch(logits, y, low, unsure)
+            exact, slack64 = self._forward(x[unsure], torch.float64)
+            radius, logits = low.clone(), logits.double()
+            radius[unsure] = self._radius(exact, y[unsure], slack64)
+            logits[unsure] = exact
+            return self._batch(logits, y, radius, unsure)
+
+    @staticmethod
+    def _batch(logits: Tensor, y: Tensor, radius: Tensor, rechecked: Tensor) -> CertificateBatch:
         prediction = logits.argmax(dim=1)
         correct = prediction == y
         return CertificateBatch(prediction, margins(logits, y), torch.where(correct, radius, 0.0),
-                                correct)
+                                correct, rechecked)
 
     def certify_loader(self, loader: Iterable, epsilons: Sequence[float],
                        eps_labels: Sequence[str] | None = None, progress: bool = True,
@@ -192,14 +327,15 @@ class Certifier:
                     break
                 stop = None if limit is None else limit - seen
                 x, y = batch[0][:stop].to(device), batch[1][:stop].to(device)
-                batches.append((y, self(x, y)))
+                batches.append((y, self(x.to(self.dtype), y, epsilons)))
                 seen += len(y)
                 bar.update(len(y))
         if seen == 0:
             raise ValueError("the loader gave no samples")
         y = torch.cat([b[0] for b in batches]).cpu().numpy()
         cert = {name: torch.cat([getattr(b[1], name) for b in batches]).cpu().numpy()
-                for name in ("prediction", "margin", "radius", "correct")}
+                for name in ("prediction", "margin", "radius", "correct", "rechecked")}
+        error = self.error[self.dtype]
         return CertificationReport(
             model=type(self.model).__name__,
             lipschitz_bound=self.lipschitz,
@@ -210,6 +346,10 @@ class Certifier:
                                 for label, eps in zip(labels, epsilons, strict=True)},
             radius_quantiles={str(q): float(np.quantile(cert["radius"], q)) for q in QUANTILES},
             method=self.method,
+            rules=self.parts,
+            arithmetic={"dtype": str(self.dtype).removeprefix("torch."),
+                        "logit_error_bound": {"const": error.const, "slope": error.slope},
+                        "rechecked_in_float64": int(cert["rechecked"].sum())},
             labels=y, predictions=cert["prediction"], margins=cert["margin"],
             radii=cert["radius"],
         )

@@ -7,3 +7,5 @@ the step gives properties by construction: 1-Lipschitz networks alternate expans
 """
 
 __version__ = "0.1.0"
+
+from robustflow import certification as _certification  # noqa: E402,F401  (registers the rules)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,7 +26,15 @@ import torch
 from torch import nn
 
 from robustflow.errors import UserError
+from robustflow.layers import Centering
 from robustflow.networks import ImageClassifier, NetworkConfig
+from robustflow.steps import (
+    ContractiveStep,
+    EulerStep,
+    ExpansiveStep,
+    FixedStepSizes,
+    LearnedStepSizes,
+)
 
 FORMAT = "robustflow-checkpoint"
 VERSION = 1
@@ -100,17 +109,56 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return payload
 
 
+def load_weights(model: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Load ``state_dict`` into ``model`` strictly, then :func:`check_model`.
+
+    Checkpoints written before the steps of a pair lost their unused ``step_size`` buffer
+    still carry it; those keys are dropped (the pair's own step sizes are what it uses).
+    """
+    expected = model.state_dict()
+    state = {k: v for k, v in state_dict.items()
+             if k in expected or not _OBSOLETE.search(k)}
+    model.load_state_dict(state)
+    check_model(model)
+
+
+_OBSOLETE = re.compile(r"\.(expansive|contractive)\.step_size$")
+
+
+def check_model(model: nn.Module) -> None:
+    """``ValueError`` naming the parameter or buffer, unless every value a bound depends on is
+    one the bound holds for: all finite, step sizes ≥ 0, scales > 0, step-size ranges and fixed
+    step sizes inside their pair rule."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} holds non-finite values")
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        step_size = getattr(module, "step_size", None)
+        if isinstance(module, (EulerStep, ExpansiveStep, ContractiveStep)) and \
+                isinstance(step_size, torch.Tensor) and float(step_size) < 0:
+            raise ValueError(f"{prefix}step_size = {float(step_size):g} must be ≥ 0")
+        if isinstance(module, Centering) and not bool((module.std > 0).all()):
+            raise ValueError(f"{prefix}std = {module.std.flatten().tolist()} must be > 0")
+        if isinstance(module, (LearnedStepSizes, FixedStepSizes)):
+            try:
+                module.check()
+            except ValueError as err:
+                raise ValueError(f"{prefix}{err}") from None
+
+
 def model_from_checkpoint(path: str | os.PathLike,
                           map_location: str | torch.device = "cpu") -> tuple[ImageClassifier, dict]:
-    """Rebuild the model a checkpoint describes, in eval mode, with its record."""
+    """Rebuild the model a checkpoint describes, in eval mode, with its record; every value a
+    bound depends on is checked (:func:`check_model`)."""
     payload = load_checkpoint(path, map_location)
     record = payload["record"]
     try:
         config = NetworkConfig.from_dict(record["config"])
         model = ImageClassifier(config)
-        model.load_state_dict(payload["state_dict"])
+        load_weights(model, payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0]
-        raise UserError(f"{path} does not describe a model this robustflow can build: "
-                        f"{first[:200]}") from None
+        raise UserError(f"{path} does not describe a model this robustflow can use: "
+                        f"{first[:300]}") from None
     return model.to(map_location).eval(), record

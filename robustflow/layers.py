@@ -61,7 +61,8 @@ class NormalizedLinear(nn.Linear):
         return float(matrix_singular_values(self.weight)[0]) * (1 + SAFETY)
 
     def export(self) -> nn.Linear:
-        plain = nn.Linear(self.in_features, self.out_features)
-        plain.weight.data.copy_(self.weight.detach())
+        weight = self.weight.detach()
+        plain = nn.Linear(self.in_features, self.out_features).to(weight)
+        plain.weight.data.copy_(weight)
         plain.bias.data.copy_(self.bias.detach())
         return plain

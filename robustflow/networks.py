@@ -67,8 +67,9 @@ class NetworkConfig:
         stem: ``"lift"`` (isometric 1×1 lift of the pixels on the full grid) or
             ``"unshuffle"`` (space-to-depth first: the stages run on a grid half as wide,
             a quarter of the cost per channel²).
-        pair_rule: ``"paper"`` (``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``) or ``"exact"``
-            (``(1 − h_C/2)(1 + h_E) ≤ 1``, the contractive step's exact bound).
+        pair_rule: ``"paper"`` (``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1``, ``0 < h_C < 1``) or
+            ``"exact"`` (``max(|1 − h_C|, 1 − h_C/2)(1 + h_E) ≤ 1``, ``0 < h_C < 2``, from the
+            contractive step's exact bound).
         orthogonal_map: geotorch's map onto the orthogonal weights, ``"expm"`` (matrix
             exponential) or ``"cayley"`` (Cayley transform, cheaper per step).
         euler_step: step size ``h`` of the baseline's Euler steps.
@@ -183,7 +184,7 @@ def _lipschitz_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequent
     for _ in range(cfg.steps_per_stage // 2):
         w = OrthogonalConv(channels, size, k_e, orthogonal_map=cfg.orthogonal_map)
         a = OrthogonalConv(channels, size, cfg.kernel_size, orthogonal_map=cfg.orthogonal_map)
-        expansive, contractive = ExpansiveStep(w), ContractiveStep(a)
+        expansive, contractive = ExpansiveStep(w, None), ContractiveStep(a, None)
         sizes = LearnedStepSizes(cfg.h_c_range, cfg.expansive_share, cfg.pair_rule)
         pairs.append(ExpansiveContractivePair(expansive, contractive, sizes))
     return nn.Sequential(*pairs)
@@ -268,8 +269,8 @@ class LipschitzMLP(nn.Sequential):
             raise ValueError(f"width {width} must be ≥ in_features {in_features} for an isometric lift")
         steps = [
             ExpansiveContractivePair(
-                ExpansiveStep(DenseOperator(width, width)),
-                ContractiveStep(DenseOperator(width, width)),
+                ExpansiveStep(DenseOperator(width, width), None),
+                ContractiveStep(DenseOperator(width, width), None),
                 LearnedStepSizes(h_c_range),
             )
             for _ in range(_positive("pairs", pairs))

@@ -126,8 +126,9 @@ class DenseOperator(LinearOperator):
         return matrix_singular_values(self.weight)
 
     def export(self) -> DenseOperator:
-        plain = DenseOperator(self.in_shape[0], self.out_shape[0], orthogonal=False)
-        plain.weight.data.copy_(self.weight.detach())
+        weight = self.weight.detach()
+        plain = DenseOperator(self.in_shape[0], self.out_shape[0], orthogonal=False).to(weight)
+        plain.weight.data.copy_(weight)
         return plain
 
 
@@ -228,8 +229,9 @@ class ConvOperator(LinearOperator):
 
     def export(self) -> ConvOperator:
         c_out, c_in, size = self.out_shape[0], self.in_shape[0], self.in_shape[1]
-        plain = ConvOperator(c_in, c_out, size, self.kernel_size)
-        plain.weight.data.copy_(self.kernel().detach())
+        kernel = self.kernel().detach()
+        plain = ConvOperator(c_in, c_out, size, self.kernel_size).to(kernel)
+        plain.weight.data.copy_(kernel)
         return plain
 
 

@@ -31,6 +31,23 @@ def _step_size(value: float, name: str) -> Tensor:
     return torch.tensor(float(value))
 
 
+def _copy_values(step: nn.Module, source: nn.Module) -> nn.Module:
+    """Copy ``source``'s bias and own step size into its exported twin ``step`` (same dtype)."""
+    step.bias.data.copy_(source.bias.detach())
+    if isinstance(source.step_size, Tensor):
+        step.step_size.copy_(source.step_size)
+    return step
+
+
+def _resolve(own: Tensor | None, given: Tensor | float | None) -> Tensor | float:
+    """The step size a call uses: the one passed in, else the step's own."""
+    if given is not None:
+        return given
+    if own is None:
+        raise ValueError("this step has no step size of its own; pass step_size=")
+    return own
+
+
 class EulerStep(nn.Module):
     """Explicit Euler (ResNet) step ``x + h B Σ(A x + b)``: the unconstrained baseline.
 
@@ -52,13 +69,12 @@ class EulerStep(nn.Module):
         return x + self.step_size * self.B(sigma(self.A(x) + self.bias))
 
     def lipschitz_bound(self) -> float:
-        h = float(self.step_size)
+        h = abs(float(self.step_size))
         return 1.0 + h * self.A.lipschitz_bound() * self.B.lipschitz_bound()
 
     def export(self) -> EulerStep:
-        step = EulerStep(self.A.export(), self.B.export(), float(self.step_size))
-        step.bias.data.copy_(self.bias.detach())
-        return step
+        step = EulerStep(self.A.export(), self.B.export(), float(self.step_size)).to(self.bias)
+        return _copy_values(step, self)
 
 
 class ContractiveStep(nn.Module):
@@ -66,39 +82,48 @@ class ContractiveStep(nn.Module):
 
     With ``AᵀA = I`` the paper proves ``Lip ≤ sqrt(1 − h + h²)`` (< 1 for 0 < h < 1).
     The bound reported here is the tighter exact one: ``Ψ_C(y) − Ψ_C(x) = (I − h AᵀDA)(y − x)``
-    with ``D = diag([1/2, 1])``; ``AᵀDA`` is symmetric with spectrum in ``[σ_min²/2, σ_max²]``,
-    so ``Lip ≤ max(|1 − h σ_max²|, |1 − h σ_min²/2|)``, which is ``1 − h/2`` for an isometry
-    and ``h ≤ 4/3`` (e.g. 0.75 against 0.866 at h = 1/2).
+    with ``D = diag([1/2, 1])``; ``AᵀDA`` is symmetric with spectrum in ``[σ_min²/2, σ_max²]``
+    (``σ_min`` over the input space: 0 when ``A`` has fewer outputs than inputs), so for any real
+    ``h`` the eigenvalues of ``I − h AᵀDA`` lie between ``1 − h σ_max²`` and ``1 − h σ_min²/2`` and
+    ``Lip ≤ max(|1 − h σ_max²|, |1 − h σ_min²/2|)``. For an isometry that is
+    ``max(|1 − h|, 1 − h/2)``: ``1 − h/2`` up to ``h = 4/3`` (0.75 against the paper's 0.866 at
+    h = 1/2), ``h − 1`` beyond.
+
+    ``step_size=None`` leaves the step size to the caller (a pair passes its own ``h_C``).
     """
 
-    def __init__(self, operator: LinearOperator, step_size: float = 0.5):
+    def __init__(self, operator: LinearOperator, step_size: float | None = 0.5):
         super().__init__()
         self.A = operator
         self.bias = _bias(operator.out_shape)
-        self.register_buffer("step_size", _step_size(step_size, "step_size"))
+        if step_size is not None:
+            self.register_buffer("step_size", _step_size(step_size, "step_size"))
+        else:
+            self.step_size = None
 
     def forward(self, x: Tensor, step_size: Tensor | None = None) -> Tensor:
-        h = self.step_size if step_size is None else step_size
+        h = _resolve(self.step_size, step_size)
         return x - h * self.A.sandwich(x, lambda z: sigma(z + self.bias))
 
     def lipschitz_bound(self, step_size: float | Tensor | None = None) -> float:
-        h = float(self.step_size if step_size is None else step_size)
+        h = float(_resolve(self.step_size, step_size))
         lo, hi = self.A.singular_value_range()
         return max(abs(1.0 - h * hi**2), abs(1.0 - h * SIGMA_MIN_SLOPE * lo**2))
 
     def export(self) -> ContractiveStep:
-        step = ContractiveStep(self.A.export(), float(self.step_size))
-        step.bias.data.copy_(self.bias.detach())
-        return step
+        h = None if self.step_size is None else float(self.step_size)
+        return _copy_values(ContractiveStep(self.A.export(), h).to(self.bias), self)
 
 
 class ExpansiveStep(nn.Module):
     """Step ``Ψ_E(x) = x + h Σ(W x + v)`` with a square ``W``, ``‖W‖ ≤ 1`` (orthogonal).
 
-    Bound: ``Lip ≤ 1 + h ‖W‖`` (``1 + h`` for orthogonal ``W``).
+    Bound: ``Ψ_E(y) − Ψ_E(x) = (I + h DW)(y − x)`` with ``D = diag([1/2, 1])``, so
+    ``Lip ≤ 1 + |h| ‖W‖`` (``1 + h`` for orthogonal ``W`` and ``h ≥ 0``).
+    ``step_size=None`` leaves the step size to the caller (a pair passes its own ``h_E``).
     """
 
-    def __init__(self, operator: LinearOperator, step_size: float = 0.1):
+    def __init__(self, operator: LinearOperator, step_size: float | None = 0.1):
         super().__init__()
         if operator.in_shape != operator.out_shape:
             raise ValueError(
@@ -107,20 +132,22 @@ class ExpansiveStep(nn.Module):
             )
         self.W = operator
         self.bias = _bias(operator.out_shape)
-        self.register_buffer("step_size", _step_size(step_size, "step_size"))
+        if step_size is not None:
+            self.register_buffer("step_size", _step_size(step_size, "step_size"))
+        else:
+            self.step_size = None
 
     def forward(self, x: Tensor, step_size: Tensor | None = None) -> Tensor:
-        h = self.step_size if step_size is None else step_size
+        h = _resolve(self.step_size, step_size)
         return x + h * sigma(self.W(x) + self.bias)
 
     def lipschitz_bound(self, step_size: float | Tensor | None = None) -> float:
-        h = float(self.step_size if step_size is None else step_size)
+        h = abs(float(_resolve(self.step_size, step_size)))
         return 1.0 + h * self.W.lipschitz_bound()
 
     def export(self) -> ExpansiveStep:
-        step = ExpansiveStep(self.W.export(), float(self.step_size))
-        step.bias.data.copy_(self.bias.detach())
-        return step
+        h = None if self.step_size is None else float(self.step_size)
+        return _copy_values(ExpansiveStep(self.W.export(), h).to(self.bias), self)
 
 
 # ----------------------------------------------------------------- the pair rule
@@ -175,7 +202,7 @@ def check_pair_rule(h_e: float, h_c: float, rule: str = "paper") -> None:
         product, formula = exact_contraction_factor(h_c) * (1.0 + h_e), "max(|1 - h_C|, 1 - h_C/2)(1 + h_E)"
     if h_e < 0 or product > 1.0 + 1e-6:  # slack for float32 step sizes
         raise ValueError(
-            f"step sizes h_E={h_e}, h_C={h_c} break the {rule} pair rule "
+            f"step sizes h_E={h_e:.6g}, h_C={h_c:.6g} break the {rule} pair rule "
             f"{formula} = {product:.6f} > 1; "
             f"with h_C={h_c} use 0 <= h_E <= {max_expansive_step(h_c, rule):.6f}"
         )
@@ -193,17 +220,22 @@ class LearnedStepSizes(nn.Module):
     def __init__(self, h_c_range: tuple[float, float] = (0.15, 0.5), expansive_share: float = 0.5,
                  rule: str = "paper"):
         super().__init__()
-        lo, hi = (float(v) for v in h_c_range)
         self.rule = _check_rule(rule)
-        limit = H_C_LIMITS[rule]
-        if not 0.0 < lo <= hi < limit:
-            raise ValueError(f"h_C range must satisfy 0 < lo <= hi < {limit:g} under the {rule} rule, "
-                             f"got ({lo}, {hi})")
         if not 0.0 < expansive_share < 1.0:
             raise ValueError(f"expansive_share must lie in (0, 1), got {expansive_share}")
-        self.register_buffer("h_c_range", torch.tensor([lo, hi]))
+        self.register_buffer("h_c_range", torch.tensor([float(v) for v in h_c_range]))
         self.raw_h_c = nn.Parameter(torch.zeros(()))
         self.raw_share = nn.Parameter(torch.logit(torch.tensor(expansive_share)))
+        self.check()
+
+    def check(self) -> None:
+        """``ValueError`` unless the saved range keeps ``h_C`` where the rule holds: the range is a
+        buffer, loaded from files, and ``h_E,max(h_C)`` is negative outside it."""
+        lo, hi = (float(v) for v in self.h_c_range)
+        limit = H_C_LIMITS[self.rule]
+        if not 0.0 < lo <= hi < limit:
+            raise ValueError(f"h_c_range = [{lo:g}, {hi:g}] must satisfy 0 < lo <= hi < {limit:g} "
+                             f"under the {self.rule} rule")
 
     def forward(self) -> tuple[Tensor, Tensor]:
         lo, hi = self.h_c_range
@@ -216,9 +248,13 @@ class FixedStepSizes(nn.Module):
 
     def __init__(self, h_e: float, h_c: float, rule: str = "paper"):
         super().__init__()
-        check_pair_rule(float(h_e), float(h_c), rule)
-        self.rule = rule
+        self.rule = _check_rule(rule)
         self.register_buffer("values", torch.tensor([float(h_e), float(h_c)]))
+        self.check()
+
+    def check(self) -> None:
+        """``ValueError`` unless the saved ``(h_E, h_C)`` obey the pair rule."""
+        check_pair_rule(float(self.values[0]), float(self.values[1]), self.rule)
 
     def forward(self) -> tuple[Tensor, Tensor]:
         return self.values[0], self.values[1]
@@ -227,9 +263,10 @@ class FixedStepSizes(nn.Module):
 class ExpansiveContractivePair(nn.Module):
     """``Ψ_C ∘ Ψ_E``: an expansive step followed by a contractive one.
 
-    The step sizes obey ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1`` (or the exact rule
-    ``max(|1 − h_C|, 1 − h_C/2)(1 + h_E) ≤ 1``), so the pair is 1-Lipschitz for orthogonal operators;
-    the bound is the product of the two steps' bounds, computed from the weights.
+    The step sizes obey ``sqrt(1 − h_C + h_C²)(1 + h_E) ≤ 1`` (the paper's rule) or the exact rule
+    ``max(|1 − h_C|, 1 − h_C/2)(1 + h_E) ≤ 1``, so the pair is 1-Lipschitz for orthogonal
+    operators; the bound is the product of the two steps' bounds, computed from the weights and
+    the step sizes actually used, whatever their values.
     """
 
     def __init__(
@@ -256,11 +293,11 @@ class ExpansiveContractivePair(nn.Module):
         return self.expansive.lipschitz_bound(h_e) * self.contractive.lipschitz_bound(h_c)
 
     def export(self) -> ExpansiveContractivePair:
-        h_e, h_c = (float(v.detach()) for v in self.step_sizes())
+        values = torch.stack([v.detach() for v in self.step_sizes()])
         rule = getattr(self.step_sizes, "rule", "paper")
-        return ExpansiveContractivePair(
-            self.expansive.export(), self.contractive.export(), FixedStepSizes(h_e, h_c, rule)
-        )
+        fixed = FixedStepSizes(*(float(v) for v in values), rule).to(values)
+        fixed.values.copy_(values)  # the very numbers the forward used, in its dtype
+        return ExpansiveContractivePair(self.expansive.export(), self.contractive.export(), fixed)
 
 
 # ------------------------------------------------------- structure-preserving steps
@@ -298,7 +335,7 @@ class VolumePreservingStep(nn.Module):
         return torch.cat([x, v], dim=-1)
 
     def lipschitz_bound(self) -> float:
-        h = float(self.step_size)
+        h = abs(float(self.step_size))
         return (1.0 + h * self.A.lipschitz_bound()) * (1.0 + h * self.B.lipschitz_bound())
 
 
@@ -333,4 +370,70 @@ class MassPreservingStep(nn.Module):
 
     def lipschitz_bound(self) -> float:
         m_norm = float(torch.linalg.matrix_norm(skew_row_sum_matrix(self.dim), 2)) * (1 + 1e-9)
-        return 1.0 + float(self.step_size) * m_norm * self.U.lipschitz_bound()
+        return 1.0 + abs(float(self.step_size)) * m_norm * self.U.lipschitz_bound()
+
+
+class GradientStep(nn.Module):
+    """Gradient step ``x − h ∇V_θ(x) = x − h Aᵀ Σ(A x + b)`` of ``V_θ(x) = Σ_i γ(a_iᵀx + b_i)``, ``γ' = Σ``.
+
+    ``A`` is any operator, unconstrained; with ``AᵀA = I`` the step is :class:`ContractiveStep`.
+    ``V_θ`` is convex: ``h > 0`` descends it, ``h < 0`` ascends it (a step of the concave potential
+    ``−V_θ``), so a chain of both signs splits the flow of ``∇U`` for a difference of convex
+    potentials. The Jacobian ``I − h Aᵀ diag(Σ'(Ax + b)) A`` is symmetric: the step is the gradient
+    of ``‖x‖²/2 − h V_θ(x)``. Bound, for any real ``h``: ``Ψ(y) − Ψ(x) = (I − h AᵀDA)(y − x)`` with
+    ``D`` diagonal in ``[1/2, 1]``; ``AᵀDA`` is symmetric with spectrum in ``[σ_min²/2, σ_max²]``,
+    so the eigenvalues ``1 − hλ`` lie between ``1 − h σ_max²`` and ``1 − h σ_min²/2`` and
+    ``Lip ≤ max(|1 − h σ_max²|, |1 − h σ_min²/2|)`` (``σ_min`` over the input space: 0 when ``A``
+    has fewer outputs than inputs; ``1 + |h| σ_max²`` for ``h < 0``).
+    """
+
+    def __init__(self, operator: LinearOperator, step_size: float = 0.5):
+        super().__init__()
+        if not math.isfinite(step_size):
+            raise ValueError(f"step_size must be a finite number, got {step_size!r}")
+        self.A = operator
+        self.bias = _bias(operator.out_shape)
+        self.register_buffer("step_size", torch.tensor(float(step_size)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - self.step_size * self.A.sandwich(x, lambda z: sigma(z + self.bias))
+
+    def lipschitz_bound(self) -> float:
+        h = float(self.step_size)
+        lo, hi = self.A.singular_value_range()
+        return max(abs(1.0 - h * hi**2), abs(1.0 - h * SIGMA_MIN_SLOPE * lo**2))
+
+
+class SpherePreservingStep(nn.Module):
+    """``x⁺ = cay(h S_θ(x)) x``: a step of ``x' = S_θ(x) x``, ``S_θ = A_θ − A_θᵀ``, ``vec A_θ = Σ(Ux + u)``.
+
+    ``S_θ(x)`` is skew, so ``xᵀ x' = 0``: the field is tangent to the spheres ``‖x‖ = r``.
+    ``cay(M) = (I − M/2)⁻¹(I + M/2)`` is orthogonal for skew ``M``, so ``‖x⁺‖ = ‖x‖`` exactly, up to
+    rounding. The Cayley map rather than the exponential: ``x⁺ = x + (I − M/2)⁻¹ M x`` costs one
+    batched linear solve, and ``I − M/2`` is never singular (its singular values are
+    ``sqrt(1 + μ²/4) ≥ 1`` for the eigenvalues ``iμ`` of ``M``), whereas ``exp`` needs a Padé
+    approximant with scaling and squaring per sample. Freezing ``S_θ`` at ``x`` makes it a
+    first-order (Lie–Euler) step, the order of the other steps. ``M`` is exactly skew in any
+    dtype; the rotation is applied in float64, so the only rounding that moves ``‖x‖`` is the
+    storing of ``x⁺`` in the input's dtype (relative ``≤ u`` per step: float32 keeps ``‖x‖`` to
+    about 1e-6 over 100 steps, float64 to about 1e-14). Input: ``(batch, dim)``.
+    """
+
+    def __init__(self, dim: int, step_size: float = 0.5):
+        super().__init__()
+        self.dim = _positive("dim", dim)
+        self.U = DenseOperator(dim, dim * dim, orthogonal=False)
+        self.u = nn.Parameter(torch.zeros(dim * dim))
+        self.register_buffer("step_size", _step_size(step_size, "step_size"))
+
+    def skew(self, x: Tensor) -> Tensor:
+        """``S_θ(x) = A_θ(x) − A_θ(x)ᵀ``, shape ``(batch, dim, dim)``."""
+        _check_input(x, (self.dim,), type(self).__name__)
+        a = sigma(self.U(x) + self.u).view(-1, self.dim, self.dim)
+        return a - a.transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.step_size.double() * self.skew(x).double()
+        eye = torch.eye(self.dim, dtype=m.dtype, device=m.device)
+        state = x.double().unsqueeze(-1)
+        return (state + torch.linalg.solve(eye - 0.5 * m, m @ state)).squeeze(-1).to(x.dtype)

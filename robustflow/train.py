@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from certify import Certifier
-from robustflow.checkpoint import library_versions, load_checkpoint, save_checkpoint
+from robustflow.checkpoint import library_versions, load_checkpoint, load_weights, save_checkpoint
 from robustflow.data import ImageSet, augment, load_cifar10
 from robustflow.errors import UserError
 from robustflow.losses import LOSSES, make_loss
@@ -145,7 +145,7 @@ def evaluate(model: nn.Module, data: ImageSet, eps: float, device: torch.device,
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             x, y = data.floats(slice(start, start + batch_size))
-            batch = certifier(x.to(device), y.to(device))
+            batch = certifier(x.to(device), y.to(device), [eps])
             correct += int(batch.correct.sum())
             certified += int((batch.correct & (batch.radius > eps)).sum())
     model.train()
@@ -315,7 +315,10 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if NetworkConfig.from_dict(record["config"]) != net_config:
         raise UserError(f"{path} was trained with another network config; pass the same "
                         f"--preset/--kind or a new --out")
-    model.load_state_dict(payload["state_dict"])
+    try:
+        load_weights(model, payload["state_dict"])
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"{path} cannot be resumed: {str(err).strip().splitlines()[0][:300]}") from None
     optimizer.load_state_dict(training["optimizer"])
     torch.set_rng_state(training["torch_rng"])
     return int(training["epoch"]), int(training["step"]), list(record.get("history", []))

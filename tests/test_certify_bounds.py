@@ -197,8 +197,8 @@ def test_eval_batchnorm_and_dropout_are_bounded() -> None:
     assert bound == pytest.approx(0.5 / math.sqrt(0.04 + norm.eps), rel=1e-5)
 
 
-class Trusted(nn.Module):
-    """Half of an inner part that could not be bounded from its pieces."""
+class SelfReporting(nn.Module):
+    """Says it is 0.5-Lipschitz; it computes 0.25 · Doubler(x), which is."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -211,18 +211,29 @@ class Trusted(nn.Module):
         return 0.5
 
 
-class SelfReporting(nn.Sequential):
-    def lipschitz_bound(self) -> float:
-        return 0.0  # wrong on purpose: a top-level Sequential is composed from its children
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations made in a test are undone after it."""
+    from certify import bounds
+
+    monkeypatch.setattr(bounds, "_REGISTRY", dict(bounds._REGISTRY))
 
 
-def test_lipschitz_bound_method_is_trusted_without_descending() -> None:
+def test_a_module_is_bounded_only_by_a_registered_rule(registry) -> None:
+    from certify import register, register_component
+
     linear = nn.Linear(4, 4)
     with torch.no_grad():
         linear.weight.copy_(4 * torch.eye(4))
-    assert lipschitz_bound(nn.Sequential(linear, Trusted()), (4,)) == pytest.approx(2.0, rel=1e-5)
-    assert lipschitz_bound(Trusted(), (4,)) == 0.5
-    assert lipschitz_bound(SelfReporting(linear, Trusted()), (4,)) == pytest.approx(2.0, rel=1e-5)
+    with pytest.raises(NotCertifiable, match=r"^model.1 \(SelfReporting\): is not a type"):
+        lipschitz_bound(nn.Sequential(linear, SelfReporting()), (4,))
+    register(SelfReporting, lambda module, io: 0.5, name="test: 0.25 · 2")
+    with pytest.raises(NotCertifiable, match=r"^model.1.inner \(Doubler\)"):
+        lipschitz_bound(nn.Sequential(linear, SelfReporting()), (4,))  # its parts must be known
+    register_component(Doubler)
+    assert lipschitz_bound(nn.Sequential(linear, SelfReporting()), (4,)) == pytest.approx(2.0, rel=1e-5)
+    with pytest.raises(NotCertifiable, match=r"^model \(Doubler\): is only known as a part"):
+        lipschitz_bound(Doubler(), (4,))
 
 
 def test_modes_are_restored() -> None:

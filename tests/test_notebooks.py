@@ -12,8 +12,10 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_three_notebooks() -> None:
-    assert [p.stem for p in NOTEBOOKS] == ["01-quickstart", "02-structure-preserving", "03-plane-vs-cat"]
+def test_there_are_four_notebooks() -> None:
+    assert [p.stem for p in NOTEBOOKS] == [
+        "01-quickstart", "02-structure-preserving", "03-plane-vs-cat", "04-approximation"
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -300,3 +300,65 @@ def test_mass_is_invariant_through_a_deep_stack() -> None:
     y = steps(x)
     assert not torch.allclose(x, y, atol=1e-2)
     assert float((y.sum(1) - x.sum(1)).abs().max()) < 1e-6
+
+
+# ------------------------------------------- bounds for any value the parameters can hold
+
+
+@pytest.mark.parametrize("h", [-0.7, 0.3, 1.6, 3.0])
+def test_step_bounds_hold_for_any_step_size(h: float) -> None:
+    torch.manual_seed(1)
+    expansive = ExpansiveStep(DenseOperator(5, 5, orthogonal=False), None).double()
+    contractive = ContractiveStep(DenseOperator(5, 7, orthogonal=False), None).double()
+    for step in (expansive, contractive):
+        with torch.no_grad():
+            step.bias.normal_()
+        bound = step.lipschitz_bound(h)
+        for _ in range(5):
+            x = torch.randn(5, dtype=torch.float64)
+            assert jacobian_norm(lambda v, s=step: s(v, torch.tensor(h, dtype=torch.float64)), x) \
+                <= bound * (1 + 1e-9)
+
+
+def test_a_pair_with_an_edited_step_size_range_keeps_a_true_bound() -> None:
+    """The buffer h_c_range is saved with the model; edited beyond the rule's limit, h_E becomes
+    negative (h_E,max(h_C) < 0) and the bound must still dominate the Jacobian norm."""
+    torch.manual_seed(2)
+    pair = ExpansiveContractivePair(ExpansiveStep(DenseOperator(6, 6), None),
+                                    ContractiveStep(DenseOperator(6, 6), None),
+                                    LearnedStepSizes((0.15, 1.9), rule="exact")).double()
+    with torch.no_grad():
+        pair.step_sizes.h_c_range.copy_(torch.tensor([2.6, 2.9]))
+        pair.expansive.bias.normal_()
+        pair.contractive.bias.normal_()
+    h_e, _ = pair.step_sizes()
+    assert h_e < 0
+    with pytest.raises(ValueError, match=r"h_c_range = \[2.6, 2.9\] must satisfy"):
+        pair.step_sizes.check()
+    bound = pair.lipschitz_bound()
+    norms = [jacobian_norm(pair, torch.randn(6, dtype=torch.float64)) for _ in range(8)]
+    assert max(norms) <= bound and max(norms) > 1.0
+
+
+@pytest.mark.parametrize("h", [0.5, 1.5, 2.5])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_wide_contractive_steps_have_sigma_min_zero_and_a_true_bound(kind: str, h: float) -> None:
+    """A with fewer outputs than inputs has a kernel: σ_min over the input space is 0, although
+    ``singular_values()`` lists only min(outputs, inputs) values (that is its contract)."""
+    torch.manual_seed(3)
+    if kind == "dense":
+        op, shape = DenseOperator(6, 3, orthogonal=False), (6,)
+    else:
+        op, shape = ConvOperator(4, 2, size=4), (4, 4, 4)
+    step = ContractiveStep(op.double(), h)
+    with torch.no_grad():
+        step.bias.normal_()
+    values = op.singular_values()
+    assert values.numel() < math.prod(shape) and float(values.min()) > 0
+    lo, hi = op.singular_value_range()
+    assert lo == 0.0
+    bound = step.lipschitz_bound()
+    assert bound == pytest.approx(max(abs(1 - h * hi**2), 1.0))
+    norms = [jacobian_norm(step, torch.randn(*shape, dtype=torch.float64)) for _ in range(5)]
+    assert max(norms) <= bound * (1 + 1e-12)  # float64 rounding of the Jacobian's SVD
+    assert max(norms) >= 1.0 - 1e-9  # the kernel of A is left unchanged: norm ≥ 1

@@ -1,0 +1,205 @@
+"""Proven bounds on the rounding error of a forward pass, and the arithmetic that keeps them.
+
+The model of IEEE arithmetic (round to nearest, unit roundoff ``u``; Higham, *Accuracy and
+Stability of Numerical Algorithms*, §2.2 and §3.1): every operation returns
+``fl(a ∘ b) = (a ∘ b)(1 + δ) + η`` with ``|δ| ≤ u`` and ``|η| ≤ η₀`` (underflow; ``η₀`` is the
+smallest normal number, more than the true ``2^-150`` / ``2^-1075``). An inner product of ``n``
+terms, summed in *any* order (blocked, pairwise, with FMA), satisfies
+
+    |fl(wᵀx) − wᵀx| ≤ γ_n |w|ᵀ|x| + n η₀,      γ_n = n u / (1 − n u).
+
+For a linear map ``A`` with ``n`` terms per output and ``d`` outputs this gives the normwise
+``‖fl(Ax) − Ax‖ ≤ γ_n ‖|A|‖ ‖x‖ + n η₀ √d``, where ``|A|`` is the entrywise absolute value.
+
+A network's error then follows from the composition rule: if part ``k`` is ``L_k``-Lipschitz,
+``‖f_k(0)‖ ≤ c_k`` and its computed value at any input ``y`` is within ``e_k(‖y‖)`` of
+``f_k(y)``, the computed output ``x̃_k`` satisfies
+
+    ‖x̃_k − x_k‖ ≤ L_k ‖x̃_{k−1} − x_{k−1}‖ + e_k(‖x̃_{k−1}‖),   ‖x_k‖ ≤ L_k ‖x_{k−1}‖ + c_k.
+
+Every bound here is an :class:`Affine` function ``a + b r`` of the input norm ``r = ‖x‖``, so a
+whole network's error bound is two numbers, computed once, and ``a + b ‖x‖`` per sample.
+
+The bound holds only for the arithmetic it was derived for: IEEE float32 or float64 with no
+TF32, float16 or bfloat16 anywhere. :func:`exact_arithmetic` switches those off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+#: Floating-point types whose arithmetic the bounds describe.
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u = 2^-p`` of ``dtype`` (float32: 2^-24, float64: 2^-53)."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"rounding bounds are derived for float32 and float64, not {dtype}")
+    return torch.finfo(dtype).eps / 2
+
+
+def underflow(dtype: torch.dtype) -> float:
+    """``η₀``: the smallest normal number of ``dtype``, a bound on one underflow error."""
+    return torch.finfo(dtype).tiny
+
+
+def gamma(n: int, u: float) -> float:
+    """``γ_n = n u / (1 − n u)``; the bound needs ``n u < 1``."""
+    if n * u >= 1:
+        raise ValueError(f"an inner product of {n} terms is too long for unit roundoff {u:g}")
+    return n * u / (1.0 - n * u)
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``r ↦ const + slope · r`` with non-negative coefficients: a bound in terms of ``‖x‖``."""
+
+    const: float = 0.0
+    slope: float = 0.0
+
+    def __add__(self, other: Affine) -> Affine:
+        return Affine(_up(self.const + other.const), _up(self.slope + other.slope))
+
+    def scale(self, factor: float) -> Affine:
+        factor = abs(factor)
+        return Affine(_up(self.const * factor), _up(self.slope * factor))
+
+    def plus(self, constant: float) -> Affine:
+        return Affine(_up(self.const + abs(constant)), self.slope)
+
+    def at(self, r: float) -> float:
+        return _up(self.const + self.slope * r)
+
+    def compose(self, inner: Affine) -> Affine:
+        """``self(inner(r))`` (both non-decreasing in ``r``)."""
+        return Affine(_up(self.const + self.slope * inner.const), _up(self.slope * inner.slope))
+
+
+def _up(value: float) -> float:
+    """Round a non-negative float64 result upwards by one ulp (the bookkeeping is conservative)."""
+    return math.nextafter(value, math.inf) if math.isfinite(value) else value
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """A value computed in floating point, as bounds affine in the input norm ``r``.
+
+    ``value`` bounds ``‖v‖`` of the exact value, ``error`` bounds ``‖ṽ − v‖`` of the computed one.
+    The methods follow the operations of a forward pass and return the bounds of their result.
+    """
+
+    value: Affine
+    error: Affine
+    u: float
+    tiny: float
+
+    @classmethod
+    def input(cls, dtype: torch.dtype) -> Tracked:
+        """The input ``x`` itself: ``‖x‖ = r``, no error."""
+        return cls(Affine(0.0, 1.0), Affine(), unit_roundoff(dtype), underflow(dtype))
+
+    def _with(self, value: Affine, error: Affine) -> Tracked:
+        return Tracked(value, error, self.u, self.tiny)
+
+    def _computed(self) -> Affine:
+        """Bound on the norm of the computed value: ``‖v‖ + ‖ṽ − v‖``."""
+        return self.value + self.error
+
+    def linear(self, norm: float, abs_norm: float, terms: int, size: int) -> Tracked:
+        """``A v`` with ``‖A‖ ≤ norm``, ``‖|A|‖ ≤ abs_norm``, ``terms`` products per output,
+        ``size`` outputs."""
+        local = self._computed().scale(gamma(terms, self.u) * abs_norm)
+        local = local.plus(terms * self.tiny * math.sqrt(size))
+        return self._with(self.value.scale(norm), self.error.scale(norm) + local)
+
+    def add(self, other: Tracked | float) -> Tracked:
+        """``v + w`` for another tracked value, or a constant of norm ``other`` (exact data)."""
+        if isinstance(other, Tracked):
+            value, error = self.value + other.value, self.error + other.error
+        else:
+            value, error = self.value.plus(other), self.error
+        return self._with(value, error + (value + error).scale(self.u))
+
+    def scale(self, factor: float, size: int) -> Tracked:
+        """``h v`` for a scalar ``h`` with ``|h| ≤ factor`` (``size`` entries)."""
+        local = self._computed().scale(self.u * factor).plus(self.tiny * math.sqrt(size))
+        return self._with(self.value.scale(factor), self.error.scale(factor) + local)
+
+    def elementwise(self, lipschitz: float, relative: float, size: int,
+                    value_bound: Affine | None = None) -> Tracked:
+        """``φ(v)`` entry by entry: ``φ`` is ``lipschitz``-Lipschitz with ``|φ(t)| ≤ lipschitz |t|``
+        (unless ``value_bound`` says otherwise) and computed to ``relative`` accuracy of its
+        output (0 for exact operations such as max, ReLU or multiplying by 1/2)."""
+        value = self.value.scale(lipschitz) if value_bound is None else value_bound
+        computed_out = value + self.error.scale(lipschitz)
+        local = computed_out.scale(relative).plus(self.tiny * math.sqrt(size))
+        return self._with(value, self.error.scale(lipschitz) + local)
+
+
+def compose_errors(parts: list[tuple[float, float, Affine]]) -> tuple[Affine, Affine]:
+    """``(value, error)`` bounds of a composition from each part's ``(L, ‖f(0)‖ bound, e)``,
+    where ``e`` bounds the part's own rounding error in terms of its input's norm."""
+    value, error = Affine(0.0, 1.0), Affine()
+    for lipschitz, offset, local in parts:
+        computed_in = value + error
+        error = error.scale(lipschitz) + local.compose(computed_in)
+        value = value.scale(lipschitz).plus(offset)
+    return value, error
+
+
+@contextlib.contextmanager
+def exact_arithmetic() -> Iterator[None]:
+    """IEEE float32/float64 inside the block, whatever the caller's settings; restored after.
+
+    Turns off TF32 in cuDNN convolutions and CUDA matmuls (on by default for cuDNN), oneDNN's
+    reduced-precision float32 modes, and autocast on every device, so that the arithmetic is the
+    one the rounding bounds describe.
+    """
+    flags = _precision_flags()
+    saved = [getattr(owner, name) for _, owner, name, _ in flags]
+    with contextlib.ExitStack() as stack:
+        try:
+            for _, owner, name, strict in flags:
+                setattr(owner, name, strict)
+            for device in _autocast_devices():
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+            yield
+        finally:
+            for (_, owner, name, _), value in zip(flags, saved, strict=True):
+                setattr(owner, name, value)
+
+
+def _precision_flags() -> list[tuple[str, object, str, object]]:
+    """``(label, owner, attribute, strict value)`` of every switch that lowers float32 precision."""
+    backends = torch.backends
+    groups = [(f"{group}.{sub}", getattr(getattr(backends, group, None), sub, None)) for group, sub in
+              (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"),
+               ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))]
+    if all(owner is not None and hasattr(owner, "fp32_precision") for _, owner in groups):
+        return [(label, owner, "fp32_precision", "ieee") for label, owner in groups]
+    # torch releases before the fp32_precision API: the legacy TF32 switches
+    return [("cuda.matmul", backends.cuda.matmul, "allow_tf32", False),
+            ("cudnn", backends.cudnn, "allow_tf32", False)]
+
+
+def _autocast_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+def precision_state() -> dict[str, object]:
+    """The current values of the switches :func:`exact_arithmetic` sets (for tests and reports)."""
+    state: dict[str, object] = {f"{label}.{name}": getattr(owner, name)
+                                for label, owner, name, _ in _precision_flags()}
+    state["autocast_cpu"] = torch.is_autocast_enabled("cpu")
+    if torch.cuda.is_available():
+        state["autocast_cuda"] = torch.is_autocast_enabled("cuda")
+    return state
