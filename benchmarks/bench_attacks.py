@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks import PGD
+from robustflow.console import line_buffered_output
 
 
 def _timed(name: str, attack: Callable[[], Tensor]) -> dict:
@@ -68,6 +69,7 @@ def run(model: nn.Module, inputs: Tensor, labels: Tensor, eps: float = 0.3, step
 
 
 def main() -> None:
+    line_buffered_output()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500, help="number of test images")
     parser.add_argument("--eps", type=float, default=0.3, help="L2 radius")

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from robustflow.console import line_buffered_output
 from robustflow.data import ImageSet, load_cifar10
 from robustflow.evaluation import batches, certify_dataset
 from robustflow.export import export_plain
@@ -55,6 +56,7 @@ def measure(model: torch.nn.Module, data: ImageSet, batch_size: int = 500, repea
 
 
 def main() -> None:
+    line_buffered_output()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="lipschitz")
     parser.add_argument("--data-root")

@@ -15,12 +15,14 @@ import dataclasses
 
 import torch
 
+from robustflow.console import line_buffered_output
 from robustflow.data import load_cifar10
 from robustflow.evaluation import certify_dataset
 from robustflow.train import TrainConfig, train
 
 
 def main() -> None:
+    line_buffered_output()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root")
     parser.add_argument("--budget", type=float, default=900.0, help="seconds of training")

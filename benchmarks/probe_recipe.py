@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import robustflow.networks as networks
+from robustflow.console import line_buffered_output
 from robustflow.data import load_cifar10
 from robustflow.evaluation import certify_dataset
 from robustflow.train import TrainConfig, train
@@ -56,6 +57,7 @@ def probe(name: str, overrides: dict, data_root: str | None, images: int, budget
 
 
 def main(argv: list[str] | None = None) -> dict:
+    line_buffered_output()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
     parser.add_argument("overrides", nargs="?", default="{}", help="JSON object of overrides")
