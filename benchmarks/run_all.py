@@ -15,9 +15,12 @@ Sections (``--only 1,3`` runs a subset; results of earlier runs in ``--out-dir``
    DDN / FMN find;
 5. scaling: training step time and autograd memory against depth and width.
 
-Writes ``RESULTS.md`` and ``results.json`` into ``--out-dir`` (default: ``benchmarks/``).
-Trained models go to ``--models-dir`` (default ``runs/bench-models``), so later ``--only``
-runs reuse them. Everything runs on the CPU.
+A full run writes the published ``benchmarks/RESULTS.md`` and ``benchmarks/results.json``;
+a ``--quick`` run writes them into ``runs/benchmarks-quick/`` (not tracked by git), so one
+try of the script does not replace the published figures. ``--out-dir`` chooses another
+folder for either. Trained models go to ``--models-dir`` (``runs/bench-models``; quick:
+``runs/benchmarks-quick/models``), so later ``--only`` runs of the same kind reuse them and
+a quick run never replaces the models a full run measures. Everything runs on the CPU.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from benchmarks.peers import (  # noqa: E402
 )
 from certify import Certifier  # noqa: E402
 from robustflow.checkpoint import model_from_checkpoint  # noqa: E402
+from robustflow.console import line_buffered_output  # noqa: E402
 from robustflow.data import ImageSet, load_cifar10  # noqa: E402
 from robustflow.evaluation import attack_dataset, batches, certify_dataset  # noqa: E402
 from robustflow.export import export_plain  # noqa: E402
@@ -69,6 +73,9 @@ MODELS = ("robustflow", *PEERS)
 LABELS = {"robustflow": "robustflow (default preset)", "sll": "SLL (orthogonium)",
           "torchlip": "deel-torchlip (spectral)"}
 EPSILONS = [("36/255", 36 / 255), ("0.3", 0.3)]
+#: Where a full run publishes its figures, and where quick runs and their models go.
+PUBLISHED_DIR = Path(__file__).resolve().parent
+QUICK_DIR = PUBLISHED_DIR.parent / "runs" / "benchmarks-quick"
 SECTIONS = {1: "Certified training at equal budget", 2: "Attack speed and strength",
             3: "Certification cost", 4: "Certificate tightness", 5: "Scaling with depth and width"}
 #: "Equal strength": our robust accuracy at most this much above foolbox's.
@@ -87,8 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", help="folder containing cifar-10-batches-py/")
     parser.add_argument("--quick", action="store_true", help="a few minutes instead of the full run")
     parser.add_argument("--budget", type=float, help="training seconds per model (900; quick 60)")
-    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent))
-    parser.add_argument("--models-dir", default="runs/bench-models")
+    parser.add_argument("--out-dir", help="folder for RESULTS.md and results.json (default: "
+                        "benchmarks/, the published figures; quick: runs/benchmarks-quick/)")
+    parser.add_argument("--models-dir", help="trained models (default runs/bench-models; "
+                        "quick: runs/benchmarks-quick/models)")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite RESULTS.md from the existing results.json")
     parser.add_argument("--only", help="comma-separated sections to run, e.g. 1,3 (default all)")
@@ -111,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.out_dir is None:
+        args.out_dir = str(QUICK_DIR if args.quick else PUBLISHED_DIR)
+    if args.models_dir is None:
+        args.models_dir = str(QUICK_DIR / "models") if args.quick else "runs/bench-models"
     args.reuse = [name.strip() for name in args.reuse.split(",") if name.strip()]
     unknown = sorted(set(args.reuse) - set(MODELS))
     if unknown:
@@ -649,6 +662,7 @@ def render(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the selected sections; write RESULTS.md and results.json; return the results."""
+    line_buffered_output()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     command = "python benchmarks/run_all.py " + " ".join(shlex.quote(a) for a in argv)

@@ -110,6 +110,28 @@ def test_own_certificate_is_margin_over_sqrt2() -> None:
         assert "√2" in how or "VRA" in how
 
 
+@pytest.mark.parametrize("argv, out_dir, models_dir", [
+    ([], "benchmarks", "runs/bench-models"),
+    (["--only", "3"], "benchmarks", "runs/bench-models"),
+    (["--quick"], "runs/benchmarks-quick", "runs/benchmarks-quick/models"),
+    (["--quick", "--render"], "runs/benchmarks-quick", "runs/benchmarks-quick/models"),
+    (["--quick", "--out-dir", "elsewhere"], "elsewhere", "runs/benchmarks-quick/models"),
+    (["--out-dir", "elsewhere", "--models-dir", "m"], "elsewhere", "m"),
+])
+def test_run_all_publishes_only_full_runs(argv: list[str], out_dir: str, models_dir: str) -> None:
+    """A quick try writes (and trains) under runs/, never over the published figures and
+    models; only a full run or an explicit --out-dir/--models-dir chooses otherwise."""
+    from benchmarks import run_all
+
+    repo = Path(run_all.__file__).resolve().parents[1]
+    args = run_all.parse_args(argv)
+    for got, want in ((args.out_dir, out_dir), (args.models_dir, models_dir)):
+        if want.startswith(("benchmarks", "runs/benchmarks-quick")):
+            assert Path(got) == repo / want
+        else:
+            assert got == want
+
+
 def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
     from benchmarks import run_all
 
@@ -133,11 +155,12 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
     models = saved["sections"]["1"]["models"]
     assert set(models) == {"robustflow", *PEERS}
     for row in models.values():
-        pgd = row["pgd"]
-        assert pgd["certified_accuracy"] <= pgd["robust_accuracy"] <= pgd["clean_accuracy"]
-        for eps in ("36/255", "0.3"):
-            assert row["certified_accuracy"][eps] <= row["clean_accuracy"]
-            assert row["own_certified_accuracy"][eps] <= row["clean_accuracy"]
+        assert row["n"] == 30 and row["pgd"]["n"] == 16  # --test-n and --attack-n are obeyed
+    for peer in PEERS:  # the reported accuracies are those of the per-point certificates
+        row = models[peer]
+        for eps, counts in row["agreement"].items():
+            assert counts["both"] + counts["own_only"] == round(row["own_certified_accuracy"][eps] * 30)
+            assert counts["both"] + counts["robustflow_only"] == round(row["certified_accuracy"][eps] * 30)
     for row in saved["sections"]["4"]["models"].values():  # a proven radius never exceeds an attack
         assert row["ratios"]["robustflow certify"].get("above_distance", 0) == 0
     assert {r["model"] for r in saved["sections"]["5"]["rows"]} == {"robustflow", *PEERS}
@@ -181,7 +204,7 @@ def test_recipe_probe_trains_a_variant_and_reports_it(tmp_path: Path, capsys) ->
                                 "--test-n", "20", "--log", str(log)])
     assert json.loads(log.read_text()) == result == json.loads(capsys.readouterr().out)
     assert result["overrides"]["net"] == {"stem": "unshuffle"} and "probe" not in PRESETS
-    assert result["c03"] <= result["c36"] <= result["clean"] and 0 < result["L"] <= 1 + 1e-5
+    assert 0 < result["L"] <= 1 + 1e-5
     with pytest.raises(SystemExit) as info:
         probe_recipe.main(["bad", "[1, 2]", "--data-root", str(root)])
     assert info.value.code == 2
