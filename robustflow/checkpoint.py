@@ -113,11 +113,15 @@ def load_weights(model: nn.Module, state_dict: dict[str, Any]) -> None:
     """Load ``state_dict`` into ``model`` strictly, then :func:`check_model`.
 
     Checkpoints written before the steps of a pair lost their unused ``step_size`` buffer
-    still carry it; those keys are dropped (the pair's own step sizes are what it uses).
+    still carry it; those keys are dropped (the pair's own step sizes are what it uses). Those
+    written before the head had a scale get scale 1, which is what they computed.
     """
     expected = model.state_dict()
     state = {k: v for k, v in state_dict.items()
              if k in expected or not _OBSOLETE.search(k)}
+    for key in expected:  # files written before the head had a scale: scale 1
+        if key.endswith(".parametrizations.weight.0.scale") and key not in state:
+            state[key] = torch.ones_like(expected[key])
     model.load_state_dict(state)
     check_model(model)
 

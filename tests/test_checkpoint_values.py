@@ -90,3 +90,12 @@ def test_check_model_accepts_a_trained_model_and_old_files_load() -> None:
     state["stage1.0.surprise"] = torch.tensor(1.0)  # anything else is still an error
     with pytest.raises(RuntimeError, match="surprise"):
         load_weights(build_model(preset("micro")), state)
+
+
+def test_files_from_before_the_head_scale_load_with_scale_one() -> None:
+    model = build_model(preset("micro"))
+    state = model.state_dict()
+    del state["head.parametrizations.weight.0.scale"]
+    again = build_model(preset("micro"))
+    load_weights(again, state)
+    assert float(again.head.parametrizations.weight[0].scale) == 1.0

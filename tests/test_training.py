@@ -454,3 +454,33 @@ def test_ddp_two_cpu_processes(tmp_path: Path, sets) -> None:
     assert "(stopped: time budget)" in done.stdout
     _, record = model_from_checkpoint(out)
     assert record["stopped"] == "time budget" and record["epoch"] < 400
+
+
+def test_a_bound_above_one_is_folded_into_the_head(tmp_path: Path, sets, monkeypatch) -> None:
+    """A bound above 1 (here from a centering with σ = 0.5, a factor 2) is folded into the head
+    at the end of training: the saved model's proven bound is 1 up to float64 rounding, its
+    predictions unchanged."""
+    import dataclasses
+
+    import robustflow.networks as networks
+
+    monkeypatch.setitem(networks.PRESETS, "scaled",
+                        dataclasses.replace(networks.PRESETS["micro"], std=(0.5, 0.5, 0.5)))
+    out = tmp_path / "scaled.pt"
+    lines: list[str] = []
+    model, record = train(config(out, preset="scaled", epochs=1), train_set=sets[0],
+                          log=lines.append)
+    assert 0.4 < record["bound_folded_into_head"] < 1.0
+    assert 1.0 - 1e-3 < model.lipschitz_bound() <= 1.0 + 1e-6
+    loaded, _ = model_from_checkpoint(out)
+    assert loaded.lipschitz_bound() == pytest.approx(model.lipschitz_bound(), rel=1e-9)
+    assert any(line.startswith("proven bound was 1 + ") for line in lines)
+    x = sets[1].floats(slice(0, 20))[0]
+    head = model.head.parametrizations.weight[0]
+    with torch.no_grad():
+        folded = model(x)
+        head.scale.fill_(1.0)
+        unfolded = model(x)
+    assert torch.equal(folded.argmax(1), unfolded.argmax(1))
+    assert torch.allclose(folded - model.head.bias, (unfolded - model.head.bias)
+                          * record["bound_folded_into_head"], atol=1e-6)
