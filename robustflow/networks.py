@@ -7,8 +7,11 @@ CIFAR-10 layout (``kind="lipschitz"``)::
       space-to-depth + orthogonal 1×1 mix (C₁ → C₂) → stage 2 → … →
       space-to-depth + mix (C_S → C_S) → flatten → linear head (‖W‖ ≤ 1)
 
-Every part is 1-Lipschitz, so the whole network is. ``kind="euler"`` is the
-unconstrained baseline of the same shape (explicit Euler steps, free weights).
+With exactly orthogonal weights every part is 1-Lipschitz, so the whole network is. geotorch's
+weights are orthogonal up to float32 rounding, so the proven bound — computed from the weights
+as they are — may exceed 1 by about 1e-5; training folds that excess into the head
+(:func:`~robustflow.layers.fold_bound_excess`). ``kind="euler"`` is the unconstrained baseline of
+the same shape (explicit Euler steps, free weights).
 """
 
 from __future__ import annotations
