@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .bounds import analyse, freeze, leaves, local_rounding, product, split_head
-from .rounding import SUPPORTED_DTYPES, Affine, compose_errors, exact_arithmetic
+from .rounding import SUPPORTED_DTYPES, Affine, compose_errors, exact_arithmetic, gamma, unit_roundoff
 from .spectral import SAFETY
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -140,6 +140,16 @@ class CertificationReport:
             rows = zip(self.labels, self.predictions, self.margins, self.radii, strict=True)
             for index, (label, prediction, margin, radius) in enumerate(rows):
                 writer.writerow([index, int(label), int(prediction), float(margin), float(radius)])
+
+
+def _norm_bound(x: Tensor) -> Tensor:
+    """An upper bound on ``‖x_i‖₂`` per sample, computed in ``x``'s own precision: a sum of ``n``
+    squares is within ``γ_n`` of its value (all terms positive), the square root within ``u``."""
+    flat = x.detach().flatten(1)
+    u = unit_roundoff(x.dtype)
+    factor = 1.0 + 2.0 * gamma(flat.shape[1] + 2, u)
+    tiny = math.sqrt(flat.shape[1] * torch.finfo(x.dtype).tiny)
+    return torch.linalg.vector_norm(flat, dim=1).double() * factor + tiny
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -263,8 +273,7 @@ class Certifier:
         error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         x = x.to(dtype)
         for leaf, local, suffix in zip(parts, self._local[dtype], self._suffix, strict=True):
-            norm = x.detach().double().flatten(1).norm(dim=1) * (1 + 1e-12)
-            error += suffix * (local.const + local.slope * norm)
+            error += suffix * (local.const + local.slope * _norm_bound(x))
             x = leaf(x)
         return x, _SQRT2 * error * (1 + 1e-12)
 
