@@ -74,18 +74,18 @@ def test_no_attack_breaks_a_certified_point(trained) -> None:
         assert (model(adversarial).argmax(dim=1) == y[i]).all()
 
 
-def test_certified_accuracy_le_attacked_accuracy_le_clean(trained) -> None:
+def test_no_certified_point_falls_to_pgd_at_any_eps(trained) -> None:
+    """Per point, at every ε: certified points are never broken (so certified accuracy cannot
+    exceed attacked accuracy); the attack does break some uncertified points, so it matters."""
     model, x, y = trained
-    batch = Certifier(model, SHAPE)(x, y)
+    batch = Certifier(model, SHAPE)(x, y, EPSILONS)
     fmodel = fb.PyTorchModel(model, bounds=(0, 1), device="cpu")
     _, _, success = fb.attacks.L2PGD(steps=50)(fmodel, x, y, epsilons=list(EPSILONS))
-    clean = batch.correct.float().mean()
     for eps, broken in zip(EPSILONS, success, strict=True):
         certified = certificates.is_certified(batch.correct, batch.radius, eps)
-        robust = batch.correct & ~broken
         assert not (certified & broken).any()
-        assert certified.float().mean() <= robust.float().mean() <= clean
-    assert robust.float().mean() < clean  # the attack is strong enough to matter
+    assert certificates.is_certified(batch.correct, batch.radius, EPSILONS[0]).any()
+    assert (batch.correct & success[-1]).any()  # the attack is strong enough to matter
 
 
 def test_pairwise_radius_is_at_least_global(trained) -> None:
