@@ -30,6 +30,7 @@ from attacks.apgd import checkpoints, dlr_loss, targeted_dlr_loss
 from attacks.fab import project_on_hyperplane
 from attacks.square import window_fraction
 from certify import Certifier
+from robustflow.plots import curves_from_reports
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,15 +89,15 @@ def norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return delta.flatten(1).norm(p=2 if norm == "l2" else math.inf, dim=1)
 
 
-def small(name: str, norm: str, seed: int | None = 0) -> object:
+def small(name: str, norm: str, seed: int | None = 0, queries: int = 100) -> object:
     """Each attack at a test budget."""
     return {
         "apgd-ce": lambda: APGD(norm=norm, steps=20, seed=seed),
         "apgd-dlr": lambda: APGD(norm=norm, loss="dlr", steps=20, seed=seed),
         "apgd-t": lambda: APGD(norm=norm, loss="dlr", targets=9, steps=20, seed=seed),
         "fab-t": lambda: FAB(norm=norm, steps=20, seed=seed),
-        "square": lambda: Square(norm=norm, queries=300, seed=seed),
-        "autoattack": lambda: AutoAttack(norm=norm, steps=20, queries=300, seed=seed),
+        "square": lambda: Square(norm=norm, queries=queries, seed=seed),
+        "autoattack": lambda: AutoAttack(norm=norm, steps=20, queries=queries, seed=seed),
         "autoattack-fast": lambda: AutoAttack(norm=norm, version="fast", steps=20, seed=seed),
     }[name]()
 
@@ -112,7 +113,7 @@ NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "autoattack", "auto
 def test_each_attack_lowers_accuracy(net, data, name, norm):
     x, y = data
     eps = 2 * EPS[norm] if name == "square" else EPS[norm]  # Square is query-limited
-    _, clipped, success = small(name, norm)(net, x, y, epsilons=[eps])
+    _, clipped, success = small(name, norm, queries=300)(net, x, y, epsilons=[eps])
     clean = (predict(net, x) == y).float().mean()
     robust = (~success[0]).float().mean()
     assert clean >= 0.95
@@ -250,7 +251,7 @@ def test_certified_le_autoattack_le_pgd_le_clean(lipschitz_small):
     batch = Certifier(model, tuple(x.shape[1:]))(x, y)
     clean = (predict(model, x) == y).float().mean()
     _, _, pgd = PGD(steps=10, seed=0)(model, x, y, epsilons=epsilons)
-    _, _, aa = AutoAttack(steps=20, queries=300)(model, x, y, epsilons=epsilons)
+    _, _, aa = AutoAttack(steps=20, queries=100)(model, x, y, epsilons=epsilons)
     for k, eps in enumerate(epsilons):
         proven = batch.correct & (batch.radius > eps)
         assert not (aa[k] & proven).any()  # no attack breaks a certified point
@@ -336,6 +337,19 @@ def test_square_schedule_halves_p():
     assert window_fraction(50, 1000, 0.8) == 0.8 / 8  # rescaled: iteration 500 of 10,000
     fractions = [window_fraction(i, 5000, 0.8) for i in range(5000)]
     assert all(a >= b for a, b in zip(fractions, fractions[1:], strict=False))
+
+
+def test_plot_curves_draws_autoattack_as_its_own_curve():
+    certify = {"clean_accuracy": 0.8, "certified_accuracy": {"0.1": 0.6, "0.3": 0.3}}
+    reports = [{"model": "m", "attack": attack, "clean_accuracy": 0.8,
+                "robust_accuracy": {"0.1": robust, "0.3": robust / 2}}
+               for attack, robust in (("pgd-l2", 0.7), ("autoattack", 0.65))]
+    left = curves_from_reports(certify, reports).axes[0]
+    lines = {line.get_label(): line for line in left.get_lines()}
+    assert set(lines) == {"certified", "pgd-l2 (m)", "AutoAttack (m)"}
+    np.testing.assert_allclose(lines["AutoAttack (m)"].get_ydata(), [80, 65, 32.5])
+    assert lines["AutoAttack (m)"].get_linestyle() == "-"
+    assert lines["pgd-l2 (m)"].get_linestyle() == "--"
 
 
 # --- gradient masking ----------------------------------------------------------------------
