@@ -68,6 +68,11 @@ class LinearOperator(nn.Module):
         raise NotImplementedError
 
     def singular_values(self) -> Tensor:  # pragma: no cover - interface
+        """All ``min(m, n)`` singular values of ``A`` (``m`` outputs, ``n`` inputs), float64.
+
+        The contract :meth:`singular_value_range` relies on: when there are fewer values than
+        input dimensions, ``A`` has a kernel and ``σ_min`` over the input space is 0.
+        """
         raise NotImplementedError
 
     def sandwich(self, x: Tensor, inner: Callable[[Tensor], Tensor]) -> Tensor:
