@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .apgd import APGD
+from .square import Square
+
 
 class EvaluationWarning(UserWarning):
     """A robustness evaluation of this model is likely to be wrong."""
@@ -48,3 +51,39 @@ def check_evaluation(model: nn.Module, inputs: Tensor, labels: Tensor) -> list[s
     for problem in problems:
         warnings.warn(problem, EvaluationWarning, stacklevel=2)
     return problems
+
+
+def check_gradient_masking(
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    norm: str = "l2",
+    steps: int = 100,
+    queries: int = 1000,
+    seed: int | None = 0,
+) -> list[str]:
+    """A warning (also emitted as :class:`EvaluationWarning`) if the gradient-free
+    :class:`~attacks.square.Square` (``queries`` queries) breaks points at ``eps`` that
+    APGD-CE (``steps`` iterations) could not: on a model with honest gradients a white-box
+    attack is the stronger one, so Square winning means the gradients are masked (flat,
+    shattered or misleading) and a gradient-based robust accuracy overstates robustness, as
+    AutoAttack's authors advise to check. Only the points APGD left standing are searched.
+    Returns the list of warnings (empty or one).
+    """
+    _, _, apgd_success = APGD(norm=norm, steps=steps, seed=seed)(model, inputs, labels,
+                                                                   epsilons=[eps])
+    standing = ~apgd_success[0]
+    if not standing.any():
+        return []
+    _, _, square_success = Square(norm=norm, queries=queries, seed=seed)(
+        model, inputs, labels, epsilons=[eps], skip=~standing)
+    extra = int((square_success[0] & standing).sum())
+    if not extra:
+        return []
+    problem = (f"Square (no gradients) broke {extra} of the {int(standing.sum())} points that "
+               f"APGD-CE could not at {norm} eps={eps:g}: the gradients look masked, so "
+               "gradient-based robust accuracy overstates robustness")
+    warnings.warn(problem, EvaluationWarning, stacklevel=2)
+    return [problem]

@@ -7,24 +7,50 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .apgd import APGD
+from .autoattack import AutoAttack
 from .base import Attack
+from .fab import FAB
 from .foolbox_bridge import FoolboxAttack
 from .pgd import PGD
+from .square import Square
+
+#: AutoAttack and its parts by name: the class and the keyword arguments the name fixes. Their
+#: norm is a keyword (``norm="l2"`` by default, or ``"linf"``).
+AUTOATTACK_SPECS = {
+    "autoattack": (AutoAttack, {"version": "standard"}),
+    "autoattack-fast": (AutoAttack, {"version": "fast"}),
+    "apgd-ce": (APGD, {"loss": "ce"}),
+    "apgd-dlr": (APGD, {"loss": "dlr"}),
+    "apgd-t": (APGD, {"loss": "dlr", "targets": 9}),
+    "fab-t": (FAB, {}),
+    "square": (Square, {}),
+}
 
 #: Specs accepted by :func:`get_attack` (``NAME`` is any attack class in ``foolbox.attacks``).
-SPECS = ("pgd-l2", "pgd-linf", "foolbox:NAME")
+SPECS = ("pgd-l2", "pgd-linf", *AUTOATTACK_SPECS, "foolbox:NAME")
 
 
 def get_attack(spec: str, **kwargs) -> Attack:
     """The attack named ``spec`` (one of :data:`SPECS`), built with ``kwargs``,
-    e.g. ``get_attack("pgd-linf", steps=20)`` or ``get_attack("foolbox:DDNAttack", steps=50)``.
+    e.g. ``get_attack("pgd-linf", steps=20)``, ``get_attack("autoattack", norm="linf")`` or
+    ``get_attack("foolbox:DDNAttack", steps=50)``. A ``norm`` that contradicts the spec's
+    (``get_attack("pgd-l2", norm="linf")``) is an error.
     """
+    norm = kwargs.pop("norm", None)
+    if spec in AUTOATTACK_SPECS:
+        cls, fixed = AUTOATTACK_SPECS[spec]
+        return cls(norm="l2" if norm is None else norm, **fixed, **kwargs)
     if spec in ("pgd-l2", "pgd-linf"):
-        return PGD(norm=spec.removeprefix("pgd-"), **kwargs)
-    if spec.startswith("foolbox:"):
-        return FoolboxAttack(spec.removeprefix("foolbox:"), **kwargs)
-    raise ValueError(f"unknown attack spec {spec!r}; valid: {', '.join(SPECS)} "
-                     "(e.g. 'foolbox:DDNAttack')")
+        attack: Attack = PGD(norm=spec.removeprefix("pgd-"), **kwargs)
+    elif spec.startswith("foolbox:"):
+        attack = FoolboxAttack(spec.removeprefix("foolbox:"), **kwargs)
+    else:
+        raise ValueError(f"unknown attack spec {spec!r}; valid: {', '.join(SPECS)} "
+                         "(e.g. 'foolbox:DDNAttack')")
+    if norm is not None and norm != attack.norm:
+        raise ValueError(f"{spec} attacks in {attack.norm}, not {norm}")
+    return attack
 
 
 def robust_accuracy(

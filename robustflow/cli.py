@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from certify import parse_epsilons
+from robustflow.console import line_buffered_output
 from robustflow.errors import UserError
 
 
@@ -101,11 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--per-sample", help="write per-sample certificates (CSV) here")
     c.set_defaults(run=_certify)
 
-    a = sub.add_parser("attack", help="robust accuracy under PGD or a foolbox attack")
+    a = sub.add_parser("attack", help="robust accuracy under AutoAttack, PGD or a foolbox attack")
     _add_model_data(a)
-    a.add_argument("--attack", default="pgd-l2", help="pgd-l2, pgd-linf or foolbox:NAME")
+    a.add_argument("--attack", default="pgd-l2",
+                   help="pgd-l2, pgd-linf, autoattack (APGD-CE, APGD-T, FAB-T, Square), "
+                        "autoattack-fast (APGD-CE, APGD-T), apgd-ce, apgd-dlr, apgd-t, fab-t, "
+                        "square or foolbox:NAME")
+    a.add_argument("--norm", choices=("l2", "linf"),
+                   help="norm of AutoAttack and its parts (default l2); PGD and foolbox "
+                        "attacks have their own")
     a.add_argument("--eps", type=_epsilons, default=_epsilons("36/255,0.3"))
-    a.add_argument("--steps", type=_positive_int, default=10)
+    a.add_argument("--steps", type=_positive_int,
+                   help="iterations: PGD 10, APGD and FAB 100 (the paper's) by default")
+    a.add_argument("--queries", type=_positive_int, help="Square's queries per point (default 5000)")
     a.add_argument("--restarts", type=_positive_int, default=1)
     a.add_argument("--target", help="targeted attack towards this class (index or name)")
     a.add_argument("--seed", type=int, default=0)
@@ -132,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--certify-report", help="JSON written by robustflow certify --json")
     cu.add_argument("--attack-report", action="append", default=[],
                     help="JSON written by robustflow attack --json (repeatable)")
+    cu.add_argument("--distances-report",
+                    help="JSON with per-image min_distances for the radius scatter (the demo's "
+                         "distances-lipschitz.json; default: the first attack report that has them)")
     cu.add_argument("--out", default="curves.png", help="output .png, .pdf or .svg")
     cu.set_defaults(run=_plot_curves)
 
@@ -196,6 +208,13 @@ def _load(args: argparse.Namespace):
     return model, data, device, label, source
 
 
+def bound_deviation(bound: float) -> str:
+    """``"1 + 6.3e-05"``: the proven bound against 1, so that rounding shows as rounding."""
+    if bound == 1.0:
+        return "exactly 1"
+    return f"1 {'+' if bound > 1 else '−'} {abs(bound - 1.0):.2g}"
+
+
 def _certify(args: argparse.Namespace) -> int:
     from certify import NotCertifiable
     from robustflow.evaluation import certify_dataset
@@ -206,45 +225,72 @@ def _certify(args: argparse.Namespace) -> int:
                                  progress=not args.no_progress, name=label)
     except NotCertifiable as err:
         raise UserError(f"{label} cannot be certified: {err}") from None
-    print(f"{label} on {report.n} images ({source}); Lipschitz bound {report.lipschitz_bound:.6f}, "
+    arithmetic = report.arithmetic
+    print(f"{label} on {report.n} images ({source}); proven Lipschitz bound "
+          f"{report.lipschitz_bound:.6f} ({bound_deviation(report.lipschitz_bound)}), "
           f"{report.method} certificates")
+    error = arithmetic["logit_error_bound"]
+    print(f"arithmetic: {arithmetic['dtype']}, logits within {error['const']:.2g} + "
+          f"{error['slope']:.2g}·‖x‖ of exact arithmetic (proven, subtracted from every margin); "
+          f"{arithmetic['rechecked_in_float64']} decisions near an ε re-checked in float64")
     rows = [(eps, report.clean_accuracy, acc) for eps, acc in report.certified_accuracy.items()]
     _table(("eps", "clean", "certified"), rows)
     print("certified radius quantiles: " + ", ".join(
         f"q{k}={v:.3f}" for k, v in report.radius_quantiles.items()))
     if args.json:
         _write(args.json, lambda p: p.write_text(json.dumps(
-            {**report.to_dict(), "radii": report.radii.tolist()}, indent=2)))
+            {**report.to_dict(), "labels": report.labels.tolist(), "radii": report.radii.tolist()},
+            indent=2)))
     if args.per_sample:
         _write(args.per_sample, lambda p: report.to_csv(p))
     return 0
 
 
 def _attack(args: argparse.Namespace) -> int:
+    from attacks import SPECS, get_attack
     from robustflow.data import CLASSES
-    from robustflow.evaluation import attack_dataset
+    from robustflow.evaluation import attack_dataset, attack_options
 
     target = _class_index(args.target, CLASSES) if args.target is not None else None
-    if not (args.attack in ("pgd-l2", "pgd-linf") or args.attack.startswith("foolbox:")):
-        raise UserError(f"unknown attack {args.attack!r}; use pgd-l2, pgd-linf or foolbox:NAME "
-                        "(e.g. foolbox:DDNAttack)")
+    if not (args.attack in SPECS or args.attack.startswith("foolbox:")):
+        raise UserError(f"unknown attack {args.attack!r}; use one of "
+                        f"{', '.join(SPECS[:-1])} or foolbox:NAME (e.g. foolbox:DDNAttack)")
+    options = dict(steps=args.steps, restarts=args.restarts, seed=args.seed, norm=args.norm,
+                   queries=args.queries)
+    try:  # bad combinations (a norm the attack does not have, ...) fail before any loading
+        get_attack(args.attack, **attack_options(args.attack, **options))
+        if target is not None and args.attack.startswith("autoattack"):
+            raise ValueError("AutoAttack is untargeted; for a targeted attack use apgd-t, fab-t "
+                             "or square")
+    except (TypeError, ValueError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
     model, data, device, label, source = _load(args)
     try:
-        report = attack_dataset(model, data, args.attack, args.eps, steps=args.steps,
-                                restarts=args.restarts, target=target, seed=args.seed,
+        report = attack_dataset(model, data, args.attack, args.eps, target=target,
                                 batch_size=args.batch_size, device=device,
                                 progress=not args.no_progress, keep_adversarials=bool(args.save_adv),
-                                name=label)
+                                name=label, **options)
     except ValueError as err:
         raise UserError(str(err).splitlines()[0]) from None
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{label} on {report.n} images ({source}); {args.attack}, {args.steps} steps, "
-          f"{args.restarts} restart(s)" + (f", target {CLASSES[target]}" if target is not None else ""))
+    budget = [f"{report.steps} steps"] if report.steps is not None else []
+    budget += [f"{report.queries} queries"] if report.queries is not None else []
+    budget += [] if args.attack.startswith("autoattack") else [f"{args.restarts} restart(s)"]
+    print(f"{label} on {report.n} images ({source}); {', '.join([args.attack, *budget])}, "
+          f"{report.norm}" + (f", target {CLASSES[target]}" if target is not None else ""))
     cert = report.certified_accuracy or {}
-    rows = [(eps, report.clean_accuracy, cert.get(eps), acc)
+    stages = list(report.per_attack or {})
+    if stages:
+        print(f"robust accuracy after each attack in turn ({' → '.join(stages)}); a point is "
+              "robust only if it survives all")
+    rows = [(eps, report.clean_accuracy, cert.get(eps),
+             *(report.per_attack[stage][eps] for stage in stages), acc)
             for eps, acc in report.robust_accuracy.items()]
-    _table(("eps", "clean", "certified", "robust"), rows)
+    _table(("eps", "clean", "certified", *stages, "robust"), rows)
+    attacked = ", ".join(f"{n} at {eps}" for eps, n in report.attacked_points.items())
+    print(f"attacked {attacked} of {report.n} images in {report.seconds:.1f} s (misclassified "
+          "points and points certified at ε are not attacked: they cannot fall)")
     if args.json:
         _write(args.json, lambda p: report.to_json(p))
     if args.save_adv:
@@ -286,7 +332,9 @@ def _plot_curves(args: argparse.Namespace) -> int:
                         "(write them with robustflow certify/attack --json)")
     certify_report = _read_json(args.certify_report) if args.certify_report else None
     attack_reports = [_read_json(p) for p in args.attack_report]
-    print(f"wrote {save_figure(curves_from_reports(certify_report, attack_reports), args.out)}")
+    distances = _read_json(args.distances_report) if args.distances_report else None
+    figure = curves_from_reports(certify_report, attack_reports, distances)
+    print(f"wrote {save_figure(figure, args.out)}")
     return 0
 
 
@@ -310,6 +358,12 @@ def _demo(args: argparse.Namespace) -> int:
           f"sample ({result.seconds:.0f} s)")
     _table(("eps", "model", "clean", "certified", "PGD-L2"),
            [(r["eps"], r["model"], r["clean"], r["certified"], r["pgd"]) for r in result.rows])
+    if result.autoattack:
+        aa = result.autoattack
+        print(f"AutoAttack (fast version at a reduced budget: {aa['steps']} steps, {aa['targets']} "
+              f"target classes) on {aa['n']} of the images, 1-Lipschitz model, robust / "
+              "certified: " + ", ".join(f"{eps} {100 * acc:.0f}% / {100 * aa['certified'][eps]:.0f}%"
+                                        for eps, acc in aa["robust"].items()))
     for path in result.files:
         print(f"wrote {path}")
     return 0
@@ -349,6 +403,7 @@ def _write(path: str, writer) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    line_buffered_output()  # progress and epoch lines reach a log file as they are printed
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:

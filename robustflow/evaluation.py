@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,15 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from attacks import FoolboxAttack, check_evaluation, get_attack, minimal_adversarial_distance
+from attacks import (
+    AutoAttack,
+    FoolboxAttack,
+    Square,
+    check_evaluation,
+    get_attack,
+    minimal_adversarial_distance,
+)
+from attacks.registry import AUTOATTACK_SPECS
 from certify import CertificationReport, Certifier, NotCertifiable
 from robustflow.data import ImageSet
 from robustflow.export import export_plain
@@ -46,11 +55,15 @@ def certify_dataset(model: nn.Module, data: ImageSet, epsilons: Sequence[tuple[s
 
 @dataclass
 class AttackReport:
-    """Robust accuracy of one attack at each ε (plus, optionally, certified accuracy)."""
+    """Robust accuracy of one attack at each ε (plus, optionally, certified accuracy).
+
+    For AutoAttack, ``per_attack[name][ε]`` is the robust accuracy after the attacks up to and
+    including ``name`` ran, in order (the last one equals ``robust_accuracy``).
+    """
 
     model: str
     attack: str
-    steps: int
+    steps: int | None
     restarts: int
     n: int
     seed: int
@@ -61,6 +74,10 @@ class AttackReport:
     attacked_points: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     min_distances: list[float] | None = None
+    norm: str = "l2"
+    queries: int | None = None
+    per_attack: dict[str, dict[str, float]] | None = None
+    seconds: float | None = None
     adversarials: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,29 +87,66 @@ class AttackReport:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
+def attack_options(attack: str, *, steps: int | None = None, restarts: int = 1, seed: int = 0,
+                   norm: str | None = None, queries: int | None = None,
+                   targets: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`attacks.get_attack` that ``attack`` takes among these
+    (``steps`` is PGD's, APGD's and FAB's; ``queries`` Square's; ``targets`` APGD-T's and
+    FAB-T's; ``restarts`` all but AutoAttack's, which runs each attack once as the paper does)."""
+    if attack.startswith("pgd-"):
+        return {"steps": 10 if steps is None else steps, "restarts": restarts, "seed": seed,
+                **({} if norm is None else {"norm": norm})}
+    if attack not in AUTOATTACK_SPECS:
+        return {} if norm is None else {"norm": norm}
+    options: dict[str, Any] = {"norm": norm or "l2", "seed": seed}
+    if steps is not None and attack != "square":
+        options["steps"] = steps
+    if queries is not None and attack in ("square", "autoattack"):
+        options["queries"] = queries
+    if targets is not None and attack in ("apgd-t", "fab-t", "autoattack", "autoattack-fast"):
+        options["targets"] = targets
+    if not attack.startswith("autoattack"):
+        options["restarts"] = restarts
+    elif restarts != 1:
+        raise ValueError("AutoAttack runs each of its attacks once, as the paper does; "
+                         "restarts must be 1")
+    return options
+
+
 def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
-                   epsilons: Sequence[tuple[str, float]], *, steps: int = 10, restarts: int = 1,
-                   target: int | None = None, seed: int = 0, batch_size: int = 250,
-                   device: torch.device | str = "cpu", progress: bool = True,
-                   use_certificates: bool = True, keep_adversarials: bool = False,
-                   name: str = "model") -> AttackReport:
-    """Run ``attack`` at every ε; points certified at that ε are not attacked.
+                   epsilons: Sequence[tuple[str, float]], *, steps: int | None = None,
+                   restarts: int = 1, target: int | None = None, seed: int = 0,
+                   batch_size: int = 250, device: torch.device | str = "cpu",
+                   progress: bool = True, use_certificates: bool = True,
+                   keep_adversarials: bool = False, name: str = "model", norm: str | None = None,
+                   queries: int | None = None, targets: int | None = None) -> AttackReport:
+    """Run ``attack`` (a spec of :func:`attacks.get_attack`) at every ε; points certified at
+    that ε are not attacked.
 
     Skipping certified points (and misclassified ones, inside the attack) changes no
     result: a certified point cannot fall, a misclassified one has already fallen. The
     robust accuracy therefore equals that of the full attack with the same seed. The
     attack runs on the exported copy of ``model`` (same outputs, no parametrisation cost).
+    ``steps`` defaults to 10 for PGD and to 100 (the paper's) for APGD and FAB; ``norm`` to
+    the spec's or L2. Certificates are L2 radii r; under L∞ a point is certified at ε when
+    r > ε√d (d = input size), as ‖δ‖₂ ≤ √d‖δ‖∞. For
+    AutoAttack the report also holds ``per_attack`` and warns when Square, which uses no
+    gradients, broke points that the gradient attacks could not (a sign of gradient masking).
     """
+    started = time.monotonic()
     model = export_plain(model.to(device)).eval()
-    kwargs: dict[str, Any] = {}
-    if attack.startswith("pgd-"):
-        kwargs = {"steps": steps, "restarts": restarts, "seed": seed}
-    runner = get_attack(attack, **kwargs)
+    runner = get_attack(attack, **attack_options(attack, steps=steps, restarts=restarts,
+                                                 seed=seed, norm=norm, queries=queries,
+                                                 targets=targets))
+    if target is not None and isinstance(runner, AutoAttack):
+        raise ValueError("AutoAttack is untargeted; for a targeted attack use apgd-t, fab-t or "
+                         "square")
     x0, y0 = data.floats(slice(0, min(len(data), 64)))
     warnings = check_evaluation(model, x0.to(device), y0.to(device))
 
     radii = None
     certified: dict[str, float] | None = None
+    scale = 1.0 if runner.norm == "l2" else float(np.prod(data.images.shape[1:])) ** 0.5
     if use_certificates:
         try:
             certifier = Certifier(model, tuple(data.images.shape[1:]))
@@ -104,6 +158,8 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
     robust_counts = {label: 0 for label, _ in epsilons}
     attacked = {label: 0 for label, _ in epsilons}
     adversarials = {label: [] for label, _ in epsilons}
+    stages = runner.names if isinstance(runner, AutoAttack) else ()
+    stage_counts = {stage: {label: 0 for label, _ in epsilons} for stage in stages}
     correct = 0
     bar = tqdm(total=len(data) * len(epsilons), desc=f"attack {attack}", unit="img",
                disable=not progress)
@@ -116,8 +172,14 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
         for label, eps in epsilons:
             skip = None
             if radii is not None:
-                skip = (radii[start:start + len(y)] > eps).to(device) & clean_ok
-            _, clipped, success = runner(model, x, y, epsilons=[eps], skip=skip, target=goal)
+                skip = (radii[start:start + len(y)] > eps * scale).to(device) & clean_ok
+            if stages:
+                result = runner.evaluate(model, x, y, epsilons=[eps], skip=skip)
+                clipped, success = result.clipped, result.success
+                for stage, standing in zip(stages, result.robust_after(), strict=True):
+                    stage_counts[stage][label] += int((clean_ok & standing[0]).sum())
+            else:
+                _, clipped, success = runner(model, x, y, epsilons=[eps], skip=skip, target=goal)
             fooled = success[0] if goal is None else success[0] & (y != goal)
             robust_counts[label] += int((clean_ok & ~fooled).sum())
             attacked[label] += int(clean_ok.sum()) - (0 if skip is None else int(skip.sum()))
@@ -134,14 +196,31 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
                                                  attack.removeprefix("foolbox:"))
             distances.extend(found.cpu().tolist())
     if radii is not None:  # radius 0 for misclassified points; at ε = 0 certified = correct
-        certified = {label: float((radii > eps).float().mean()) if eps > 0 else correct / n
+        certified = {label: float((radii > eps * scale).float().mean()) if eps > 0 else correct / n
                      for label, eps in epsilons}
+    per_attack = None
+    if stages:
+        per_attack = {stage: {label: count / n for label, count in counts.items()}
+                      for stage, counts in stage_counts.items()}
+        if "square" in stages:
+            before = stages[stages.index("square") - 1]
+            masked = {label: stage_counts[before][label] - stage_counts["square"][label]
+                      for label, _ in epsilons}
+            if any(masked.values()):
+                warnings.append("Square, which uses no gradients, broke points the gradient attacks "
+                                "could not (" + ", ".join(f"{k} at ε={label}" for label, k in
+                                                          masked.items() if k)
+                                + "): a sign of gradient masking")
+    searches = isinstance(runner, Square) or "square" in stages
     return AttackReport(
-        model=name, attack=attack, steps=steps, restarts=restarts, n=n, seed=seed,
+        model=name, attack=attack, steps=getattr(runner, "steps", None), restarts=restarts, n=n,
+        seed=seed,
         clean_accuracy=correct / n,
         robust_accuracy={label: robust_counts[label] / n for label, _ in epsilons},
         certified_accuracy=certified, target=target, attacked_points=attacked, warnings=warnings,
-        min_distances=distances,
+        min_distances=distances, norm=runner.norm,
+        queries=runner.queries if searches else None, per_attack=per_attack,
+        seconds=time.monotonic() - started,
         adversarials={k: np.concatenate(v) for k, v in adversarials.items() if v},
     )
 

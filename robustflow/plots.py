@@ -204,6 +204,13 @@ def draw_plane_cat(example: PlaneCatExample, class_names: Sequence[str] = CIFAR1
     return fig
 
 
+#: Curve labels of the attack specs that have a conventional name.
+ATTACK_NAMES = {"autoattack": "AutoAttack", "autoattack-fast": "AutoAttack (fast)"}
+
+#: The scatter's x axis when the reports do not name the attack.
+DISTANCE_LABEL = "smallest adversarial L2 distance found"
+
+
 def _percent_curve(values: Mapping[float, float], clean: float) -> tuple[list[float], list[float]]:
     points = {0.0: clean, **values}
     eps = sorted(points)
@@ -217,36 +224,69 @@ def draw_curves(
     radii: np.ndarray | None = None,
     min_distances: np.ndarray | None = None,
     title: str = "",
+    distance_label: str = "",
 ) -> Figure:
     """Accuracy (fractions in [0, 1]) against ε; with ``radii`` and ``min_distances`` also
-    their histograms on shared bins.
+    :func:`draw_radius_scatter` of the images both cover (the first ``min(len)``).
 
     ``clean`` is the ε = 0 point of the certified curve and of every attack curve without a
     ``0.0`` entry of its own.
     """
     both = radii is not None and min_distances is not None
-    fig = _figure(11.0 if both else 6.0, 4.2)
+    fig = _figure(11.0 if both else 6.0, 4.5 if both else 4.2)
     axes = fig.subplots(1, 2 if both else 1, squeeze=False)[0]
     left = axes[0]
     if certified is not None:
         left.plot(*_percent_curve(certified, clean), "o-", color="black", label="certified")
     for name, values in robust.items():
-        left.plot(*_percent_curve(values, clean), "s--", label=name)
+        # AutoAttack, the standard empirical evaluation, solid; other attacks dashed
+        style = "D-" if name.startswith("AutoAttack") else "s--"
+        left.plot(*_percent_curve(values, clean), style, label=name)
     left.set(xlabel="ε (L2)", ylabel="accuracy (%)", ylim=(0, 100), title="accuracy against ε")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     if both:
-        finite = [a[np.isfinite(a)] for a in (np.asarray(radii, float), np.asarray(min_distances, float))]
-        bins = np.histogram_bin_edges(np.concatenate(finite), bins=30)
-        right = axes[1]
-        for values, label in zip(finite, ("certified radius", "minimal adversarial distance"),
-                                 strict=True):
-            right.hist(values, bins=bins, alpha=0.6, label=f"{label} (n={len(values)})")
-        right.set(xlabel="L2 distance", ylabel="images", title="per-image distances")
-        right.legend(fontsize=8)
+        draw_radius_scatter(axes[1], radii, min_distances, distance_label or DISTANCE_LABEL)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def draw_radius_scatter(ax: Axes, radii: np.ndarray, min_distances: np.ndarray,
+                        distance_label: str = "") -> None:
+    """Certified radius (a lower bound on the distance to the decision boundary) against the
+    smallest adversarial distance an attack found (an upper bound), image by image, with
+    y = x: a sound certificate puts no point above the line.
+
+    ``radii[i]`` and ``min_distances[i]`` describe the same image for ``i < min(len)``.
+    Misclassified images (distance 0) are left out; images the attack could not break
+    (distance ``inf``) are drawn at the right edge.
+    """
+    k = min(len(radii), len(min_distances))
+    radius = np.asarray(radii, float)[:k]
+    distance = np.asarray(min_distances, float)[:k]
+    shown = distance > 0
+    found = shown & np.isfinite(distance)
+    unbroken = shown & ~np.isfinite(distance)
+    above = found & (radius > distance)
+    top = 1.05 * max([1e-3, *distance[found], *radius[shown]])
+    ax.fill_between([0, top], [0, top], top, color="tab:red", alpha=0.07, linewidth=0,
+                    label="radius > distance: impossible if sound")
+    ax.plot([0, top], [0, top], color="black", linewidth=1, label="y = x")
+    ax.scatter(distance[found & ~above], radius[found & ~above], s=14, alpha=0.7,
+               color="tab:blue", label=f"correctly classified images ({int((found & ~above).sum())})")
+    if above.any():
+        ax.scatter(distance[above], radius[above], s=30, marker="x", color="tab:red",
+                   label=f"radius above the distance ({int(above.sum())})")
+    if unbroken.any():
+        ax.scatter(np.full(int(unbroken.sum()), top), radius[unbroken], s=30, marker=">",
+                   color="tab:orange", clip_on=False,
+                   label=f"no adversarial found ({int(unbroken.sum())})")
+    ax.set(xlim=(0, top), ylim=(0, top), aspect="equal", xlabel=distance_label or DISTANCE_LABEL,
+           ylabel="certified radius (L2)",
+           title=f"radius against attack: {int(above.sum())} of {int(found.sum())} images above y = x")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def _field(report: Mapping, key: str, name: str) -> object:
@@ -273,32 +313,70 @@ def _by_epsilon(report: Mapping, key: str, name: str) -> dict[float, float]:
         raise UserError(f"{key!r} in {name}: {error}") from None
 
 
-def curves_from_reports(certify_report: dict | None, attack_reports: list[dict]) -> Figure:
+def _per_image(report: Mapping, key: str, name: str) -> np.ndarray:
+    values = _field(report, key, name)
+    try:
+        array = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim != 1:
+        raise UserError(f"{key!r} in {name} must be a list of numbers, one per image")
+    return array
+
+
+def _same_images(certify_report: Mapping, report: Mapping, name: str, k: int) -> None:
+    """Refuse to pair radii and distances of different images, where both reports say which."""
+    if "labels" not in certify_report or "labels" not in report:
+        return
+    ours = _per_image(certify_report, "labels", "the certify report")[:k]
+    theirs = _per_image(report, "labels", name)[:k]
+    n = min(len(ours), len(theirs))
+    differ = np.flatnonzero(ours[:n] != theirs[:n])
+    if len(differ) or n < k:
+        raise UserError(f"the certify report and {name} describe different images (labels differ at "
+                        f"image {int(differ[0]) if len(differ) else n}); certify and attack the same "
+                        "images, from the first")
+
+
+def curves_from_reports(certify_report: dict | None, attack_reports: list[dict],
+                        distances_report: dict | None = None, title: str = "") -> Figure:
     """:func:`draw_curves` from the JSON reports of ``robustflow certify`` and ``attack``.
 
-    Each attack curve starts at its own report's clean accuracy; the histograms use the
-    certify report's ``radii`` and the first attack report's ``min_distances``.
+    Each attack curve starts at its own report's clean accuracy. The per-image scatter pairs
+    the certify report's ``radii`` with the ``min_distances`` of ``distances_report`` (any
+    report that has them, e.g. the demo's ``distances-lipschitz.json``) or, without one, of
+    the first attack report that has them (``robustflow attack --attack foolbox:DDNAttack``).
     """
     if certify_report is None and not attack_reports:
         raise UserError("no reports to plot; pass a certify report or attack reports")
     robust: dict[str, dict[float, float]] = {}
-    min_distances = None
+    sources = [] if distances_report is None else [("the distances report", distances_report)]
     for i, report in enumerate(attack_reports):
         name = f"attack report {i}"
-        label = f"{_field(report, 'attack', name)} ({_field(report, 'model', name)})"
+        attack = str(_field(report, "attack", name))
+        label = f"{ATTACK_NAMES.get(attack, attack)} ({_field(report, 'model', name)})"
         robust[label] = {0.0: _number(report, "clean_accuracy", name),
                          **_by_epsilon(report, "robust_accuracy", name)}
-        if min_distances is None and "min_distances" in report:
-            min_distances = np.asarray(report["min_distances"], dtype=float)
-    certified = radii = None
+        if report.get("min_distances") is not None:
+            sources.append((name, report))
+    certified = radii = min_distances = None
+    distance_label = DISTANCE_LABEL
     if certify_report is not None:
         certified = _by_epsilon(certify_report, "certified_accuracy", "the certify report")
         clean = _number(certify_report, "clean_accuracy", "the certify report")
         if "radii" in certify_report:
-            radii = np.asarray(certify_report["radii"], dtype=float)
+            radii = _per_image(certify_report, "radii", "the certify report")
     else:
         clean = next(iter(robust.values()))[0.0]
-    return draw_curves(certified, robust, clean, radii, min_distances)
+    if sources:
+        name, report = sources[0]
+        min_distances = _per_image(report, "min_distances", name)
+        if radii is not None:
+            _same_images(certify_report, report, name, min(len(min_distances), len(radii)))
+        attack, steps = str(report.get("attack", "the attack")), report.get("steps")
+        distance_label = (f"smallest adversarial L2 distance found by {attack.removeprefix('foolbox:')}"
+                          + (f", {steps} steps" if steps else ""))
+    return draw_curves(certified, robust, clean, radii, min_distances, title, distance_label)
 
 
 def figure_pixel_size(fig: Figure) -> tuple[int, int]:

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from certify import parse_epsilon
+from certify import Certifier, parse_epsilon
 from robustflow.checkpoint import model_from_checkpoint
 from robustflow.cli import main
 from robustflow.data import load_cifar10, write_cifar_folder
+from robustflow.export import export_plain
 from tests.conftest import synthetic_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,9 +99,6 @@ def test_certify(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> N
     assert data["n"] == 50 and set(data["certified_accuracy"]) == {"36/255", "0.3"}
     assert 0 < data["lipschitz_bound"] <= 1 + 1e-5
     cert = data["certified_accuracy"]
-    assert cert["0.3"] <= cert["36/255"] <= data["clean_accuracy"]
-    quantiles = list(data["radius_quantiles"].values())
-    assert quantiles == sorted(quantiles) and quantiles[0] >= 0
 
     with open(per_sample, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -114,6 +112,9 @@ def test_certify(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> N
         certified = sum(c and r > eps for c, r in zip(correct, radii, strict=True)) / 50
         assert certified == pytest.approx(cert[label])
     assert all(r == 0 for c, r in zip(correct, radii, strict=True) if not c)
+    assert data["labels"] == test.labels.tolist() and data["radii"] == pytest.approx(radii)
+    for q, value in data["radius_quantiles"].items():
+        assert value == pytest.approx(np.quantile(radii, float(q)), abs=1e-6), q
 
     model, _ = model_from_checkpoint(checkpoint)  # the table's predictions are the model's
     with torch.no_grad():
@@ -133,10 +134,11 @@ def test_attack(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> No
         assert key in data, key
     assert data["n"] == 40 and data["steps"] == 5 and data["attack"] == "pgd-l2"
     assert set(data["robust_accuracy"]) == {"36/255", "0.3"}
-    for label, robust in data["robust_accuracy"].items():
-        assert data["certified_accuracy"][label] <= robust <= data["clean_accuracy"], label
 
-    x = load_cifar10(data_root, train=False, limit=40).floats()[0].numpy()
+    test = load_cifar10(data_root, train=False, limit=40)
+    model = export_plain(model_from_checkpoint(checkpoint)[0]).eval()  # the model attacked
+    certificate = Certifier(model, (3, 32, 32))(*test.floats())
+    x = test.floats()[0].numpy()
     with np.load(adv, allow_pickle=False) as saved:
         labels = [str(v) for v in saved["epsilons"]]
         assert labels == ["36/255", "0.3"]
@@ -146,6 +148,11 @@ def test_attack(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> No
             assert images.min() >= 0 and images.max() <= 1
             distance = np.sqrt(((images - x) ** 2).reshape(len(x), -1).sum(axis=1))
             assert distance.max() <= parse_epsilon(label) + 1e-5
+            with torch.no_grad():  # robust: the images whose saved adversarial is still right
+                held = model(torch.from_numpy(images)).argmax(dim=1) == test.labels
+            assert data["robust_accuracy"][label] == int(held.sum()) / 40, label
+            certified = certificate.correct & (certificate.radius > parse_epsilon(label))
+            assert data["certified_accuracy"][label] == pytest.approx(int(certified.sum()) / 40), label
 
 
 def test_attack_linf_targeted(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> None:
@@ -156,7 +163,41 @@ def test_attack_linf_targeted(checkpoint: Path, data_root: Path, tmp_path: Path,
     assert code == 0 and "target cat" in stdout
     data = json.loads(report.read_text())
     assert data["target"] == 3 and data["attack"] == "pgd-linf"
-    assert data["robust_accuracy"]["2/255"] <= data["clean_accuracy"]
+
+
+def test_attack_autoattack(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> None:
+    report = tmp_path / "autoattack.json"
+    code, stdout, _ = run(["attack", "--checkpoint", checkpoint, "--data-root", data_root,
+                           "--limit", "20", "--attack", "autoattack", "--steps", "3", "--queries",
+                           "20", "--eps", "0.1,0.5", "--json", report, "--no-progress"], capsys)
+    assert code == 0
+    assert "autoattack, 3 steps, 20 queries, l2" in stdout
+    header = next(line for line in stdout.splitlines() if line.lstrip().startswith("eps"))
+    assert header.split() == ["eps", "clean", "certified", "apgd-ce", "apgd-t", "fab-t", "square",
+                              "robust"]
+    data = json.loads(report.read_text())
+    assert data["attack"] == "autoattack" and data["norm"] == "l2" and data["queries"] == 20
+    stages = data["per_attack"]
+    assert list(stages) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    for label, robust in data["robust_accuracy"].items():
+        after = [stages[name][label] for name in stages]
+        assert after == sorted(after, reverse=True) and after[-1] == robust, label
+        assert data["certified_accuracy"][label] <= robust <= data["clean_accuracy"], label
+        assert data["attacked_points"][label] <= round(data["n"] * (data["clean_accuracy"]
+                                                                   - data["certified_accuracy"][label]))
+
+
+def test_attack_autoattack_linf_parts(checkpoint: Path, data_root: Path, tmp_path: Path,
+                                      capsys) -> None:
+    report = tmp_path / "apgd.json"
+    code, stdout, _ = run(["attack", "--checkpoint", checkpoint, "--data-root", data_root,
+                           "--limit", "20", "--attack", "apgd-t", "--norm", "linf", "--steps", "3",
+                           "--eps", "8/255", "--target", "cat", "--json", report, "--no-progress"],
+                          capsys)
+    assert code == 0 and "apgd-t, 3 steps, 1 restart(s), linf, target cat" in stdout
+    data = json.loads(report.read_text())
+    assert data["norm"] == "linf" and data["per_attack"] is None
+    assert data["robust_accuracy"]["8/255"] <= data["clean_accuracy"]
 
 
 def test_bundled_sample(checkpoint: Path, tmp_path: Path, capsys) -> None:
@@ -220,6 +261,13 @@ def assert_one_line_error(code: int, err: str) -> None:
     (["attack", "--steps", "0"], "≥ 1"),
     (["attack", "--attack", "nonsense"], "unknown attack"),
     (["attack", "--target", "zebra"], "unknown target class"),
+    (["attack", "--attack", "autoattack-plus"], "unknown attack"),
+    (["attack", "--attack", "pgd-l2", "--norm", "linf"], "pgd-l2 attacks in l2, not linf"),
+    (["attack", "--attack", "foolbox:DDNAttack", "--norm", "linf"], "attacks in l2, not linf"),
+    (["attack", "--attack", "autoattack", "--norm", "l1"], "invalid choice"),
+    (["attack", "--attack", "autoattack", "--target", "cat"], "untargeted"),
+    (["attack", "--attack", "autoattack", "--restarts", "2"], "restarts must be 1"),
+    (["attack", "--attack", "square", "--queries", "0"], "≥ 1"),
     (["train", "--epochs", "0"], "≥ 1"),
     (["train", "--eps", "abc"], "neither a number"),
     (["train", "--optimizer", "lbfgs"], "invalid choice"),

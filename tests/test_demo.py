@@ -6,9 +6,14 @@ import json
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
+import torch
 
+from certify import Certifier
 from robustflow.cli import main
+from robustflow.demo import ATTACK_EPS
+from robustflow.pretrained import load_model, load_sample_set
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -21,18 +26,44 @@ def test_demo_runs_end_to_end_on_a_reduced_sample(tmp_path: Path, capsys) -> Non
     assert main(["demo", "--out", str(out), "--limit", "60", "--steps", "3", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "1-Lipschitz" in printed and "baseline" in printed
-    for name in ("certify.json", "attack-lipschitz.json", "attack-baseline.json", "summary.json"):
-        assert (out / name).stat().st_size > 0
+    files = ("certify.json", "attack-lipschitz.json", "attack-baseline.json",
+             "distances-lipschitz.json", "summary.json")
+    cert, attack, baseline, distances, summary = (json.loads((out / f).read_text()) for f in files)
     assert _png_size(out / "plane-cat.png")[0] > 300
     assert _png_size(out / "curves.png")[0] > 300
-    summary = json.loads((out / "summary.json").read_text())
-    for row in summary["rows"]:
-        if row["certified"] is not None:
-            assert row["certified"] <= row["pgd"] <= row["clean"]
+    for report in (attack, baseline):  # the curves: PGD at every ε of the grid
+        assert list(report["robust_accuracy"]) == [label for label, _ in ATTACK_EPS]
+    for row in summary["rows"]:  # the table is what the reports say
+        report = attack if row["model"] == "1-Lipschitz" else baseline
+        assert row["pgd"] == report["robust_accuracy"][row["eps"]]
+        assert row["certified"] == (cert["certified_accuracy"][row["eps"]]
+                                    if row["model"] == "1-Lipschitz" else None)
+    # the scatter: per-image radii and DDN distances of the same 60 images, and no certified
+    # radius beyond an adversarial that DDN found
+    assert distances["labels"] == cert["labels"] == load_sample_set().labels[:60].tolist()
+    radii, found = np.array(cert["radii"]), np.array(distances["min_distances"])
+    assert len(found) == 60 and np.isfinite(found).any()
+    assert summary["radius_above_distance"] == int((radii > found).sum()) == 0
+    assert main(["plot", "curves", "--certify-report", str(out / "certify.json"), "--attack-report",
+                 str(out / "attack-lipschitz.json"), "--distances-report",
+                 str(out / "distances-lipschitz.json"), "--out", str(tmp_path / "again.png")]) == 0
+    assert _png_size(tmp_path / "again.png") == _png_size(out / "curves.png")
     assert summary["lipschitz_bound"] <= 1 + 1e-5
-    cat = summary["plane_cat"]
-    if cat["certified_radius"] > cat["eps"]:
-        assert cat["lipschitz_adversarial_label"] == "airplane"
+    autoattack = json.loads((out / "autoattack-lipschitz.json").read_text())
+    pgd = json.loads((out / "attack-lipschitz.json").read_text())
+    assert autoattack["n"] == 60 and list(autoattack["per_attack"]) == ["apgd-ce", "apgd-t"]
+    for eps, robust in autoattack["robust_accuracy"].items():  # the same 60 images
+        assert autoattack["certified_accuracy"][eps] <= robust <= pgd["robust_accuracy"][eps], eps
+    assert "AutoAttack (fast version at a reduced budget" in printed
+    cat = summary["plane_cat"]  # an airplane, and its certificate recomputed from the model
+    images, labels = load_sample_set().floats()
+    assert int(labels[cat["index"]]) == 0
+    lipschitz = load_model("lipschitz").eval()
+    image = images[cat["index"]][None]
+    with torch.no_grad():
+        prediction = lipschitz(image).argmax(dim=1)
+    radius = float(Certifier(lipschitz, tuple(image.shape[1:]))(image, prediction).radius[0])
+    assert radius == pytest.approx(cat["certified_radius"], rel=1e-6)
 
 
 def test_plot_commands_write_images(tmp_path: Path) -> None:

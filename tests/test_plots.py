@@ -88,7 +88,9 @@ def check_example(example, models, data) -> None:
         assert (adversarial - example.image).norm() <= eps + 1e-5
         assert math.isclose(outcome.delta_norm, float(outcome.delta.norm()), rel_tol=1e-6)
         assert predict(model, adversarial) == outcome.adversarial_prediction
-        assert 0 < outcome.adversarial_confidence <= 1
+        with torch.no_grad():
+            confidence = model(adversarial[None]).softmax(dim=1).max()
+        assert math.isclose(outcome.adversarial_confidence, float(confidence), rel_tol=1e-5)
     assert example.flipped == (example.baseline.adversarial_prediction == CAT)
     assert bool(example.note) == (not example.flipped)
     if example.radius > eps:  # soundness: no attack inside the certified ball changes the label
@@ -169,13 +171,22 @@ def test_plane_cat_figure(unflipped, tmp_path) -> None:
 
 
 CERTIFY = {"clean_accuracy": 0.8, "certified_accuracy": {"36/255": 0.6, "0.5": 0.3},
-           "radii": [0.0, 0.2, 0.7, 1.1]}
+           "labels": [3, 1, 4, 1, 5], "radii": [0.0, 0.2, 0.7, 1.1, 0.4]}
 ATTACKS = [
     {"model": "1-Lipschitz", "attack": "PGD-L2", "clean_accuracy": 0.8,
      "robust_accuracy": {"36/255": 0.7, "0.5": 0.5}, "min_distances": [0.0, 0.3, 0.9, math.inf]},
     {"model": "baseline", "attack": "PGD-L2", "clean_accuracy": 0.9,
-     "robust_accuracy": {"0.5": 0.1, "36/255": 0.6}},
+     "robust_accuracy": {"0.5": 0.1, "36/255": 0.6}, "min_distances": None},
 ]
+#: Image 1 has a radius (0.2) above the distance an attack found (0.1): an unsound certificate.
+DISTANCES = {"model": "1-Lipschitz", "attack": "foolbox:DDNAttack", "steps": 7, "labels": [3, 1, 4],
+             "min_distances": [0.0, 0.1, 2.0]}
+
+
+def scatter_points(ax) -> dict[str, np.ndarray]:
+    """The (distance, radius) points of each scatter in ``ax``, by legend label."""
+    return {c.get_label(): np.asarray(c.get_offsets()) for c in ax.collections
+            if c.get_label() and not c.get_label().startswith("radius > distance")}
 
 
 def test_curves_from_reports(tmp_path) -> None:
@@ -187,17 +198,47 @@ def test_curves_from_reports(tmp_path) -> None:
     np.testing.assert_allclose(lines["certified"].get_ydata(), [80, 60, 30])
     np.testing.assert_allclose(lines["PGD-L2 (baseline)"].get_ydata(), [90, 60, 10])
     assert left.get_ylim() == (0, 100)
-    counts = [sum(patch.get_height() for patch in container) for container in right.containers]
-    assert counts == [4, 3]  # the infinite distance is left out
+    # the first report with distances pairs with the radii image by image (4 of them): the
+    # misclassified image (distance 0) is left out, the unbroken one (inf) sits on the edge
+    points = scatter_points(right)
+    assert set(points) == {"correctly classified images (2)", "no adversarial found (1)"}
+    np.testing.assert_allclose(points["correctly classified images (2)"], [[0.3, 0.2], [0.9, 0.7]])
+    top = right.get_xlim()[1]
+    np.testing.assert_allclose(points["no adversarial found (1)"], [[top, 1.1]])
+    assert right.get_ylim() == right.get_xlim() == (0, top) and top >= 1.1
+    diagonal = next(line for line in right.get_lines() if line.get_label() == "y = x")
+    np.testing.assert_allclose(diagonal.get_xdata(), diagonal.get_ydata())
+    assert right.get_title().endswith("0 of 2 images above y = x")
+    assert "PGD-L2" in right.get_xlabel()
     assert saved_png_size(fig, tmp_path / "curves.png") == figure_pixel_size(fig)
 
 
-def test_curves_without_histograms(tmp_path) -> None:
+def test_scatter_shows_a_radius_above_the_attack_distance() -> None:
+    """The distances report takes precedence, and an unsound radius is counted and marked."""
+    right = curves_from_reports(CERTIFY, ATTACKS, DISTANCES).axes[1]
+    points = scatter_points(right)
+    np.testing.assert_allclose(points["radius above the distance (1)"], [[0.1, 0.2]])
+    np.testing.assert_allclose(points["correctly classified images (1)"], [[2.0, 0.7]])
+    assert right.get_title().endswith("1 of 2 images above y = x")
+    assert right.get_xlabel() == "smallest adversarial L2 distance found by DDNAttack, 7 steps"
+
+
+def test_scatter_refuses_reports_on_different_images() -> None:
+    with pytest.raises(UserError, match="different images.*image 2"):
+        curves_from_reports(CERTIFY, ATTACKS, {**DISTANCES, "labels": [3, 1, 9]})
+    with pytest.raises(UserError, match="'min_distances' in the distances report must be a list"):
+        curves_from_reports(CERTIFY, ATTACKS, {**DISTANCES, "min_distances": {"a": 1}})
+    with pytest.raises(UserError, match="distances report has no 'min_distances'"):
+        curves_from_reports(CERTIFY, ATTACKS, {"labels": [3]})
+
+
+def test_curves_without_scatter(tmp_path) -> None:
     fig = draw_curves({0.1: 0.5}, {"PGD-L2 (baseline)": {0.1: 0.4}}, clean=0.7, radii=np.ones(3))
     assert len(fig.axes) == 1
     assert saved_png_size(fig, tmp_path / "curves.png") == figure_pixel_size(fig) == (600, 420)
     for suffix in (".pdf", ".svg"):
         assert save_figure(fig, tmp_path / f"curves{suffix}").stat().st_size > 0
+    assert len(curves_from_reports(CERTIFY, ATTACKS[1:]).axes) == 1  # no report has distances
 
 
 @pytest.mark.parametrize("key", ["clean_accuracy", "certified_accuracy"])
