@@ -216,8 +216,10 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
                                  shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = max(1, len(sampler) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    started = time.monotonic()
-    elapsed = 0.0
+    earlier = history[-1]["seconds"] if history else 0.0  # training time before a resume
+    started = time.monotonic() - earlier
+    first_step = step
+    elapsed = earlier
     stopped = None
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -260,9 +262,10 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
                     break
         bar.close()
         train_time = time.monotonic() - started
+        images_now = (step - first_step) * cfg.batch_size * world.world  # in this process
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                    "train_accuracy": hits / max(seen, 1), "seconds": round(train_time, 1),
-                   "images_per_second": round(step * cfg.batch_size * world.world / max(train_time, 1e-9), 1)}
+                   "images_per_second": round(images_now / max(train_time - earlier, 1e-9), 1)}
         if world.main:
             if val_set is not None:
                 metrics.update(evaluate(model, val_set, cfg.cert_eps, device))

@@ -489,3 +489,23 @@ def test_a_bound_above_one_is_folded_into_the_head(tmp_path: Path, sets, monkeyp
     assert torch.equal(folded.argmax(1), unfolded.argmax(1))
     assert torch.allclose(folded - model.head.bias, (unfolded - model.head.bias)
                           * record["bound_folded_into_head"], atol=1e-6)
+
+
+def test_resume_continues_the_clock(sets, tmp_path: Path, monkeypatch) -> None:
+    """Seconds accumulate across a resume and images per second count this process's images
+    over this process's time (a clock that advances 10 s per reading makes both exact)."""
+    readings = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: float(next(readings)))
+    out = tmp_path / "model.pt"
+    train(config(out, epochs=2, val_size=0), train_set=sets[0], val_set=None, log=lambda _: None)
+    checkpoint = torch.load(out, weights_only=True)
+    checkpoint["record"]["history"].pop()  # as if stopped after the first epoch
+    checkpoint["training"]["epoch"] = 1
+    checkpoint["training"]["step"] //= 2
+    torch.save(checkpoint, out)
+    _, record = train(config(out, epochs=2, val_size=0, resume=True), train_set=sets[0],
+                      val_set=None, log=lambda _: None)
+    first, second = record["history"]
+    per_epoch = (len(sets[0]) // 32) * 32
+    assert first["seconds"] == 10.0 and second["seconds"] == 20.0
+    assert second["images_per_second"] == pytest.approx(per_epoch / 10.0)
