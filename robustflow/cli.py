@@ -303,16 +303,19 @@ def _attack(args: argparse.Namespace) -> int:
 def _plot_plane_cat(args: argparse.Namespace) -> int:
     from robustflow.data import CLASSES, load_cifar10
     from robustflow.plots import draw_plane_cat, find_plane_cat, save_figure
-    from robustflow.pretrained import load_model, load_sample_set
+    from robustflow.pretrained import load_model, load_sample_set, sample_plane_cat
     from robustflow.train import resolve_device
 
     device = resolve_device(args.device)
+    index = args.index
+    if index is None and not args.data_root and args.pick == "first":
+        index = sample_plane_cat()  # the bundled sample's own plane-versus-cat image
     lipschitz = load_model(args.checkpoint or "lipschitz", device)
     baseline = load_model(args.baseline or "baseline", device)
     data = load_cifar10(args.data_root, False) if args.data_root else load_sample_set()
     images, labels = data.floats()
     example = find_plane_cat(baseline, lipschitz, images, labels, eps=args.eps, pick=args.pick,
-                             index=args.index, seed=args.seed, steps=args.steps)
+                             index=index, seed=args.seed, steps=args.steps)
     if example.note:
         print(example.note)
     b, lip = example.baseline, example.lipschitz

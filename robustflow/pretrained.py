@@ -70,11 +70,37 @@ def balanced_indices(labels: Tensor, per_class: int) -> Tensor:
     return torch.sort(torch.cat(picks)).values
 
 
-def write_sample(test_set: ImageSet, path: str | os.PathLike, per_class: int = 100) -> Path:
-    """Save the first ``per_class`` test images of each class as a compressed array."""
+def write_sample(test_set: ImageSet, path: str | os.PathLike, per_class: int = 100,
+                 plane_cat: int | None = None) -> Path:
+    """Save the first ``per_class`` test images of each class as a compressed array, with
+    their test-set indices. ``plane_cat`` (a test-set index) joins the sample in place of the
+    last pick of its class, and the file records its position as the default image of the
+    plane-versus-cat figure (:func:`sample_plane_cat`)."""
     index = balanced_indices(test_set.labels, per_class)
+    extra = {}
+    if plane_cat is not None:
+        if not 0 <= plane_cat < len(test_set):
+            raise UserError(f"plane_cat {plane_cat} is not an index of the {len(test_set)} test images")
+        if plane_cat not in index:
+            same = (test_set.labels[index] == test_set.labels[plane_cat]).nonzero().squeeze(1)
+            index[same[-1]] = plane_cat
+            index = torch.sort(index).values
+        extra["plane_cat"] = np.int64(int((index == plane_cat).nonzero()[0]))
     path = Path(path)
     np.savez_compressed(path, images=test_set.images[index].numpy(),
                         labels=test_set.labels[index].numpy().astype(np.int64),
-                        test_index=index.numpy())
+                        test_index=index.numpy(), **extra)
     return path
+
+
+def sample_plane_cat(path: str | os.PathLike | None = None) -> int | None:
+    """Position in the sample of its plane-versus-cat image, if the file names one."""
+    path = Path(path) if path is not None else ASSETS / SAMPLE
+    with np.load(path, allow_pickle=False) as data:
+        if "plane_cat" not in data.files:
+            return None
+        position = int(data["plane_cat"])
+        if not 0 <= position < len(data["labels"]):
+            raise UserError(f"{path} names image {position} for the plane-versus-cat figure but "
+                            f"holds {len(data['labels'])} images; rewrite it with write_sample")
+        return position

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from attacks import PGD
 from certify import Certifier
+from robustflow.errors import UserError
 from robustflow.export import export_plain
 from robustflow.pretrained import load_model, load_test_sample, model_path
 
@@ -48,3 +50,55 @@ def test_certified_points_of_the_bundled_model_resist_pgd() -> None:
 @pytest.mark.slow
 def test_certified_points_resist_a_long_attack() -> None:
     assert _certified_points_resist(count=200, steps=100, restarts=3) >= 60
+
+
+def _synthetic_test_set(per_class: int = 6):
+    from robustflow.data import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat(per_class)[torch.randperm(10 * per_class, generator=g)]
+    images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8, generator=g)
+    return ImageSet(images, labels)
+
+
+def test_sample_names_its_plane_cat_image(tmp_path) -> None:
+    """write_sample puts the chosen test image into the sample in place of its class's last
+    pick, keeps the classes balanced and records where it is; sample_plane_cat reads it back."""
+    from robustflow.pretrained import load_sample_set, sample_plane_cat, write_sample
+
+    test_set = _synthetic_test_set()
+    airplanes = (test_set.labels == 0).nonzero().squeeze(1)
+    chosen = int(airplanes[-1])  # not among the first 3 airplanes
+    path = write_sample(test_set, tmp_path / "s.npz", per_class=3, plane_cat=chosen)
+    sample = load_sample_set(path)
+    assert torch.bincount(sample.labels, minlength=10).tolist() == [3] * 10
+    position = sample_plane_cat(path)
+    assert torch.equal(sample.images[position], test_set.images[chosen])
+    with np.load(path) as data:
+        assert int(data["test_index"][position]) == chosen
+        assert (data["test_index"][sample.labels.numpy() == 0].tolist()
+                == airplanes[:2].tolist() + [chosen])
+    plain = write_sample(test_set, tmp_path / "p.npz", per_class=3)
+    assert sample_plane_cat(plain) is None
+    with pytest.raises(UserError, match="not an index"):
+        write_sample(test_set, tmp_path / "bad.npz", per_class=3, plane_cat=10_000)
+
+
+def test_plot_plane_cat_defaults_to_the_samples_image(tmp_path, monkeypatch, capsys) -> None:
+    """With no --index, `plot plane-cat` on the bundled sample draws the image it names."""
+    import shutil
+
+    from robustflow import pretrained
+    from robustflow.cli import main
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for name in pretrained.MODELS.values():
+        shutil.copy(pretrained.ASSETS / name, assets / name)
+    test_set = _synthetic_test_set()
+    chosen = int((test_set.labels == 0).nonzero()[-1])
+    pretrained.write_sample(test_set, assets / pretrained.SAMPLE, per_class=3, plane_cat=chosen)
+    monkeypatch.setattr(pretrained, "ASSETS", assets)
+    position = pretrained.sample_plane_cat()
+    assert main(["plot", "plane-cat", "--steps", "2", "--out", str(tmp_path / "p.png")]) == 0
+    assert f"image {position}:" in capsys.readouterr().out

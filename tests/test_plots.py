@@ -21,6 +21,7 @@ from robustflow.plots import (
     draw_plane_cat,
     figure_pixel_size,
     find_plane_cat,
+    rank_plane_cat,
     save_figure,
 )
 
@@ -90,7 +91,7 @@ def check_example(example, models, data) -> None:
         assert predict(model, adversarial) == outcome.adversarial_prediction
         with torch.no_grad():
             confidence = model(adversarial[None]).softmax(dim=1).max()
-        assert math.isclose(outcome.adversarial_confidence, float(confidence), rel_tol=1e-5)
+        assert math.isclose(outcome.adversarial_confidence, float(confidence), rel_tol=1e-4)  # batch of 2
     assert example.flipped == (example.baseline.adversarial_prediction == CAT)
     assert bool(example.note) == (not example.flipped)
     if example.radius > eps:  # soundness: no attack inside the certified ball changes the label
@@ -272,3 +273,44 @@ def test_save_figure_refuses_bad_paths(tmp_path) -> None:
     with pytest.raises(UserError, match="cannot write"):
         save_figure(fig, tmp_path / "folder.png")
     assert sorted(os.listdir(tmp_path)) == ["file", "folder.png"]  # no temporary file left
+
+
+def test_rank_plane_cat_puts_proofs_first(models, data) -> None:
+    """At ε = 0.3 the tiny models give proofs (certified beyond ε, flipped by the baseline):
+    they come first, by radius; each is a correctly classified airplane whose certificate and
+    flip are recomputed from the models, and the 1-Lipschitz model holds on it."""
+    baseline, lipschitz = models
+    images, labels = data
+    eps = 0.3
+    ranked = rank_plane_cat(baseline, lipschitz, images, labels, eps=eps, steps=20)
+    proofs = [c for c in ranked if c.proof(eps)]
+    assert proofs and ranked[: len(proofs)] == proofs
+    assert [c.radius for c in proofs] == sorted((c.radius for c in proofs), reverse=True)
+    from certify import Certifier
+
+    index = torch.tensor([c.index for c in ranked])
+    assert (labels[index] == AIRPLANE).all()
+    certificate = Certifier(lipschitz, (3, 8, 8))(images[index], labels[index])
+    assert certificate.correct.all()
+    assert torch.allclose(certificate.radius.double(), torch.tensor([c.radius for c in ranked],
+                                                                    dtype=torch.float64))
+    both = [i for i in range(len(labels))
+            if labels[i] == AIRPLANE and predict(baseline, images[i]) == AIRPLANE
+            and predict(lipschitz, images[i]) == AIRPLANE]
+    assert sorted(index.tolist()) == both
+    example = find_plane_cat(*models, *data, eps=eps, index=proofs[0].index, **FAST)
+    check_example(example, models, data)
+    assert example.radius > eps
+
+
+def test_rank_plane_cat_without_proofs_shows_the_closest(models, data) -> None:
+    """At ε = 0.5 no flipped airplane is certified beyond ε: the flipped ones lead, the most
+    nearly certified first, and every airplane was attacked."""
+    eps = 0.5
+    ranked = rank_plane_cat(*models, *data, eps=eps, steps=20)
+    assert not any(c.proof(eps) for c in ranked)
+    flipped = [c for c in ranked if c.flipped]
+    assert flipped and ranked[: len(flipped)] == flipped
+    assert flipped[0].radius == max(c.radius for c in flipped)
+    assert all(0 <= c.target_probability <= 1 for c in ranked)  # all attacked
+    assert all(c.target_probability >= 0.1 for c in flipped)  # cat is the baseline's top class
