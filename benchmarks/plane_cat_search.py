@@ -24,7 +24,7 @@ from robustflow.plots import rank_plane_cat
 from robustflow.pretrained import load_model, write_sample
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list:
     line_buffered_output()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True, help="folder containing cifar-10-batches-py/")
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10, help="candidates to print")
     parser.add_argument("--write-sample", help="write the bundled sample with the best one here")
     parser.add_argument("--json", help="write every candidate here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     test_set = load_cifar10(args.data_root, train=False)
     images, labels = test_set.floats()
@@ -68,6 +68,7 @@ def main() -> None:
         print(f"wrote {path}: test image {best.index} (certified radius {best.radius:.4f}, "
               f"{'a proof' if best.proof(args.eps) else 'the closest, not a proof'}) is its "
               "plane-versus-cat image")
+    return ranked
 
 
 if __name__ == "__main__":

@@ -208,3 +208,32 @@ def test_recipe_probe_trains_a_variant_and_reports_it(tmp_path: Path, capsys) ->
     with pytest.raises(SystemExit) as info:
         probe_recipe.main(["bad", "[1, 2]", "--data-root", str(root)])
     assert info.value.code == 2
+
+
+def test_plane_cat_search_ranks_and_bundles_the_best(tmp_path: Path, capsys) -> None:
+    """On a CIFAR folder holding the bundled sample as its test set: the candidates are the
+    airplanes both bundled models classify correctly, best first, and the written sample names
+    the first one, whose pixels are that test image's."""
+    import numpy as np
+
+    from benchmarks import plane_cat_search
+    from robustflow.pretrained import load_sample_set, sample_plane_cat
+
+    test = load_sample_set()
+    root = tmp_path / "data"
+    write_cifar_folder(root, None, test)
+    out, report = tmp_path / "sample.npz", tmp_path / "search.json"
+    ranked = plane_cat_search.main(["--data-root", str(root), "--steps", "20", "--write-sample",
+                                    str(out), "--json", str(report), "--top", "3"])
+    printed = capsys.readouterr().out
+    assert ranked and f"{len(ranked)} classified correctly by both models" in printed
+    keys = [(not c.proof(0.3), not c.flipped, -c.radius) for c in ranked]
+    assert keys == sorted(keys)
+    assert all(int(test.labels[c.index]) == 0 for c in ranked)
+    assert [c["index"] for c in json.loads(report.read_text())["candidates"]] == \
+        [c.index for c in ranked]
+    written = load_sample_set(out)
+    position = sample_plane_cat(out)
+    assert torch.equal(written.images[position], test.images[ranked[0].index])
+    with np.load(out) as data:
+        assert int(data["test_index"][position]) == ranked[0].index
