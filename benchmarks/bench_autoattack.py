@@ -96,7 +96,67 @@ def theirs(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps: flo
     return torch.cat(robust)
 
 
-def main() -> None:
+def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[tuple[str, str, float]],
+            *, version: str = "standard", steps: int = 10, queries: int = 5000, batch: int = 250,
+            no_skip_too: bool = False, with_torchattacks: bool = True,
+            json_path: str | None = None) -> list[dict]:
+    """One row per (bundled model, norm, ε): clean and certified accuracy, our AutoAttack's
+    robust accuracy and seconds (certification included where it skips points), optionally
+    ours without skipping, and torchattacks' AutoAttack on the same images; printed as it goes."""
+    from robustflow.export import export_plain
+    from robustflow.pretrained import load_model
+
+    rows = []
+    for name in models:
+        model = export_plain(load_model(name)).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            correct = torch.cat([model(images[i:i + 500]).argmax(1) == labels[i:i + 500]
+                                 for i in range(0, len(images), 500)])
+        radii, certify_s, certify_cpu = _clock(certified_radii, model, images, labels, batch)
+        for norm, label, eps in eps_items:
+            skip = correct & (radii > eps) if norm == "l2" else torch.zeros_like(correct)
+            row = {"model": name, "norm": norm, "eps": label, "n": len(images),
+                   "clean": correct.float().mean().item(), "certified": skip.float().mean().item(),
+                   "version": version, "steps": steps, "queries": queries}
+            budget = {"version": version, "steps": steps, "queries": queries, "batch": batch}
+            (robust, broken), seconds, cpu = _clock(ours, model, images, labels, norm, eps,
+                                                    skip, **budget)
+            paid = (certify_s, certify_cpu) if skip.any() else (0.0, 0.0)  # only where it skips
+            row |= {"ours": robust.float().mean().item(), "ours_s": seconds + paid[0],
+                    "ours_cpu_s": cpu + paid[1], "certify_s": paid[0], "ours_broken_by": broken}
+            line = (f"{name:9s} {norm:4s} {label:7s} clean {row['clean']:.1%} certified "
+                    f"{row['certified']:.1%} | ours {row['ours']:.1%} in {row['ours_cpu_s']:.0f} "
+                    f"CPU s ({row['ours_s']:.0f} s wall; certification {paid[1]:.1f} CPU s "
+                    f"included; broken by {broken})")
+            if no_skip_too and skip.any():
+                (again, _), plain_s, plain_cpu = _clock(ours, model, images, labels, norm, eps,
+                                                        torch.zeros_like(skip), **budget)
+                row |= {"ours_no_skip": again.float().mean().item(), "ours_no_skip_s": plain_s,
+                        "ours_no_skip_cpu_s": plain_cpu}
+                line += (f" | without skipping {row['ours_no_skip']:.1%} in {plain_cpu:.0f} CPU s "
+                         f"({plain_s:.0f} s wall)")
+            if with_torchattacks:
+                their, their_s, their_cpu = _clock(theirs, model, images, labels, norm, eps,
+                                                   queries=queries, batch=batch)
+                row |= {"torchattacks": their.float().mean().item(), "torchattacks_s": their_s,
+                        "torchattacks_cpu_s": their_cpu,
+                        "both_robust": (robust & their).float().mean().item(),
+                        "speedup_cpu": their_cpu / row["ours_cpu_s"]}
+                line += (f" | torchattacks {row['torchattacks']:.1%} in {their_cpu:.0f} CPU s "
+                         f"({their_s:.0f} s wall): ours {row['speedup_cpu']:.2f}x "
+                         f"faster in CPU time ({their_s / row['ours_s']:.2f}x wall), "
+                         f"{100 * (row['ours'] - row['torchattacks']):+.1f} points")
+            print(line, flush=True)
+            rows.append(row)
+            if json_path:
+                with open(json_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="first N bundled test images")
     parser.add_argument("--models", default="lipschitz,baseline")
@@ -111,65 +171,22 @@ def main() -> None:
                         help="also time ours without skipping certified points")
     parser.add_argument("--skip-torchattacks", action="store_true")
     parser.add_argument("--json", help="append one JSON line per result here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     line_buffered_output()
 
-    from robustflow.export import export_plain
-    from robustflow.pretrained import load_model, load_test_sample
+    from robustflow.pretrained import load_test_sample
 
     images, labels = load_test_sample()
     images, labels = images[: args.n], labels[: args.n]
-    print(f"{args.n} bundled test images; ours: AutoAttack {args.version}, {args.steps} steps, "
+    print(f"{len(images)} bundled test images; ours: AutoAttack {args.version}, {args.steps} steps, "
           f"{args.queries} queries; torchattacks {__import__('torchattacks').__version__} "
           f"AutoAttack standard (its APGD/APGD-T/FAB: 10 steps), {args.queries} queries; "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor()}",
           flush=True)
-    for name in args.models.split(","):
-        model = export_plain(load_model(name)).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        with torch.no_grad():
-            correct = torch.cat([model(images[i:i + 500]).argmax(1) == labels[i:i + 500]
-                                 for i in range(0, len(images), 500)])
-        radii, certify_s, certify_cpu = _clock(certified_radii, model, images, labels,
-                                               args.batch_size)
-        for norm, label, eps in parse_eps(args.eps):
-            skip = correct & (radii > eps) if norm == "l2" else torch.zeros_like(correct)
-            row = {"model": name, "norm": norm, "eps": label, "n": args.n,
-                   "clean": correct.float().mean().item(), "certified": skip.float().mean().item(),
-                   "version": args.version, "steps": args.steps, "queries": args.queries}
-            budget = {"version": args.version, "steps": args.steps, "queries": args.queries,
-                      "batch": args.batch_size}
-            (robust, broken), seconds, cpu = _clock(ours, model, images, labels, norm, eps,
-                                                    skip, **budget)
-            paid = (certify_s, certify_cpu) if skip.any() else (0.0, 0.0)  # only where it skips
-            row |= {"ours": robust.float().mean().item(), "ours_s": seconds + paid[0],
-                    "ours_cpu_s": cpu + paid[1], "certify_s": paid[0], "ours_broken_by": broken}
-            line = (f"{name:9s} {norm:4s} {label:7s} clean {row['clean']:.1%} certified "
-                    f"{row['certified']:.1%} | ours {row['ours']:.1%} in {row['ours_cpu_s']:.0f} "
-                    f"CPU s ({row['ours_s']:.0f} s wall; certification {paid[1]:.1f} CPU s "
-                    f"included; broken by {broken})")
-            if args.no_skip_too and skip.any():
-                (again, _), plain_s, plain_cpu = _clock(ours, model, images, labels, norm, eps,
-                                                        torch.zeros_like(skip), **budget)
-                row |= {"ours_no_skip": again.float().mean().item(), "ours_no_skip_s": plain_s,
-                        "ours_no_skip_cpu_s": plain_cpu}
-                line += (f" | without skipping {row['ours_no_skip']:.1%} in {plain_cpu:.0f} CPU s "
-                         f"({plain_s:.0f} s wall)")
-            if not args.skip_torchattacks:
-                their, their_s, their_cpu = _clock(theirs, model, images, labels, norm, eps,
-                                                   queries=args.queries, batch=args.batch_size)
-                row |= {"torchattacks": their.float().mean().item(), "torchattacks_s": their_s,
-                        "torchattacks_cpu_s": their_cpu,
-                        "both_robust": (robust & their).float().mean().item()}
-                line += (f" | torchattacks {row['torchattacks']:.1%} in {their_cpu:.0f} CPU s "
-                         f"({their_s:.0f} s wall): ours {their_cpu / row['ours_cpu_s']:.2f}x "
-                         f"faster in CPU time ({their_s / row['ours_s']:.2f}x wall), "
-                         f"{100 * (row['ours'] - row['torchattacks']):+.1f} points")
-            print(line, flush=True)
-            if args.json:
-                with open(args.json, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+    return compare(args.models.split(","), images, labels, parse_eps(args.eps),
+                   version=args.version, steps=args.steps, queries=args.queries,
+                   batch=args.batch_size, no_skip_too=args.no_skip_too,
+                   with_torchattacks=not args.skip_torchattacks, json_path=args.json)
 
 
 if __name__ == "__main__":
