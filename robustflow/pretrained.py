@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robustflow.checkpoint import model_from_checkpoint
+from robustflow.checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
 from robustflow.data import CLASSES, ImageSet
 from robustflow.errors import UserError
 
@@ -104,3 +104,13 @@ def sample_plane_cat(path: str | os.PathLike | None = None) -> int | None:
             raise UserError(f"{path} names image {position} for the plane-versus-cat figure but "
                             f"holds {len(data['labels'])} images; rewrite it with write_sample")
         return position
+
+
+def package_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A training checkpoint as a bundled model: its weights and record (recipe, history,
+    versions), without the optimiser and RNG state that only ``--resume`` needs; written
+    atomically. The model is rebuilt and checked first, so a damaged file is never bundled."""
+    model_from_checkpoint(checkpoint)  # refuses non-finite values, bad step sizes, …
+    payload = load_checkpoint(checkpoint)
+    payload["training"] = None
+    return atomic_torch_save(payload, out)

@@ -102,3 +102,33 @@ def test_plot_plane_cat_defaults_to_the_samples_image(tmp_path, monkeypatch, cap
     position = pretrained.sample_plane_cat()
     assert main(["plot", "plane-cat", "--steps", "2", "--out", str(tmp_path / "p.png")]) == 0
     assert f"image {position}:" in capsys.readouterr().out
+
+
+def test_package_model_keeps_weights_and_record_drops_training_state(tmp_path) -> None:
+    """The packaged file computes the same logits and keeps the record; the optimiser state
+    that only --resume needs is gone, and a damaged checkpoint is refused, not bundled."""
+    from robustflow.checkpoint import load_checkpoint
+    from robustflow.pretrained import package_model
+    from robustflow.train import TrainConfig, train
+    from tests.conftest import synthetic_set
+
+    source = tmp_path / "run.pt"
+    train(TrainConfig(preset="micro", epochs=1, batch_size=32, val_size=0, device="cpu",
+                      progress=False, out=str(source)), train_set=synthetic_set(64, 0),
+          val_set=None, log=lambda _: None)
+    assert load_checkpoint(source)["training"] is not None
+    packaged = package_model(source, tmp_path / "bundled.pt")
+    payload = load_checkpoint(packaged)
+    assert payload["training"] is None
+    assert payload["record"] == load_checkpoint(source)["record"]
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_model(packaged)(x), load_model(source)(x))
+    assert packaged.stat().st_size < source.stat().st_size
+    damaged = load_checkpoint(source)
+    key = next(k for k in damaged["state_dict"] if k.endswith("step_sizes.raw") or "head" in k)
+    damaged["state_dict"][key] = damaged["state_dict"][key] * float("nan")
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(UserError):
+        package_model(tmp_path / "damaged.pt", tmp_path / "never.pt")
+    assert not (tmp_path / "never.pt").exists()
