@@ -186,7 +186,7 @@ def test_pair_rule_holds_after_every_optimiser_step(rule: str) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        h_e, h_c = (float(v) for v in pair.step_sizes())
+        h_e, h_c = (float(v.detach()) for v in pair.step_sizes())
         assert 0.15 - 1e-6 <= h_c <= 0.5 + 1e-6
         factor = math.sqrt(1 - h_c + h_c * h_c) if rule == "paper" else 1 - h_c / 2
         assert factor * (1 + h_e) <= 1 + 1e-6
