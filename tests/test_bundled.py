@@ -132,3 +132,25 @@ def test_package_model_keeps_weights_and_record_drops_training_state(tmp_path) -
     with pytest.raises(UserError):
         package_model(tmp_path / "damaged.pt", tmp_path / "never.pt")
     assert not (tmp_path / "never.pt").exists()
+
+
+def test_the_bundled_plane_cat_image_is_a_proof() -> None:
+    """The sample's plane-versus-cat airplane: the bundled 1-Lipschitz model certifies it beyond
+    0.3 (decided exactly), and the bundled baseline's targeted PGD of norm 0.3 makes it a cat."""
+    from robustflow.pretrained import sample_plane_cat
+
+    position = sample_plane_cat()
+    assert position is not None
+    images, labels = load_test_sample()
+    x, y = images[position:position + 1], labels[position:position + 1]
+    assert int(y) == 0  # an airplane
+    lipschitz, baseline = load_model("lipschitz"), load_model("baseline")
+    certificate = Certifier(lipschitz, (3, 32, 32))(x, y, epsilons=(0.3,))
+    assert bool(certificate.correct[0]) and float(certificate.radius[0]) > 0.3
+    cat = torch.tensor([3])
+    _, (adversarial,), success = PGD(norm="l2", steps=100, seed=0)(export_plain(baseline), x, y,
+                                                                    epsilons=[0.3], target=cat)
+    assert bool(success[0, 0])
+    assert float((adversarial - x).norm()) <= 0.3 + 1e-5
+    with torch.no_grad():
+        assert int(baseline(adversarial).argmax()) == 3 and int(lipschitz(adversarial).argmax()) == 0
