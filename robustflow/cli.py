@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs, turn it on for long ones (the paper's 100 epochs)")
     t.add_argument("--out", default=defaults.out, help="checkpoint file")
     t.add_argument("--resume", action="store_true", help="continue from --out")
+    t.add_argument("--init", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (same --preset/--kind) with a fresh "
+                        "optimiser and schedule, e.g. to fine-tune a finished run")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=_train)
 

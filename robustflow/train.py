@@ -53,6 +53,7 @@ class TrainConfig:
     augment: bool = False
     out: str = "runs/model.pt"
     resume: bool = False
+    init: str | None = None
     progress: bool = True
 
     def validate(self) -> None:
@@ -69,6 +70,9 @@ class TrainConfig:
             (self.time_budget is None or self.time_budget > 0,
              f"--time-budget must be > 0 seconds, got {self.time_budget}"),
             (self.train_eps >= 0 and self.cert_eps >= 0, "ε values must be ≥ 0"),
+            (not (self.init and self.resume),
+             "--init starts a new run from a checkpoint's weights and --resume continues --out; "
+             "use one of them"),
         ]
         for ok, message in checks:
             if not ok:
@@ -194,6 +198,7 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
 
     torch.manual_seed(cfg.seed)
     model = build_model(net_config).to(device)
+    start = _initialise(model, Path(cfg.init), net_config, device) if cfg.init else None
     params = list(model.parameters())
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
@@ -271,7 +276,7 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
                 metrics.update(evaluate(model, val_set, cfg.cert_eps, device))
             history.append(metrics)
             log(_epoch_line(metrics, cfg.cert_eps))
-            record = _record(cfg, net_config, train_set, history, stopped)
+            record = _record(cfg, net_config, train_set, history, stopped, start)
             training = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch + 1,
                         "torch_rng": torch.get_rng_state()}
             save_checkpoint(out, model, record, training)
@@ -287,7 +292,7 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
             record["bound_folded_into_head"] = factor
             save_checkpoint(out, model, record, training)
             log(f"proven bound was 1 + {1 / factor - 1:.2g}; head scaled by {factor:.8f}")
-    return model, record or _record(cfg, net_config, train_set, history, stopped)
+    return model, record or _record(cfg, net_config, train_set, history, stopped, start)
 
 
 def _epoch_line(m: dict[str, Any], eps: float) -> str:
@@ -300,7 +305,8 @@ def _epoch_line(m: dict[str, Any], eps: float) -> str:
 
 
 def _record(cfg: TrainConfig, net_config: NetworkConfig, train_set: ImageSet,
-            history: list[dict[str, Any]], stopped: str | None) -> dict[str, Any]:
+            history: list[dict[str, Any]], stopped: str | None,
+            start: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "config": net_config.to_dict(),
         "classes": list(train_set.classes),
@@ -313,8 +319,26 @@ def _record(cfg: TrainConfig, net_config: NetworkConfig, train_set: ImageSet,
         "metrics": history[-1] if history else {},
         "history": history,
         "stopped": stopped,
+        "init": start,
         "versions": library_versions(),
     }
+
+
+def _initialise(model: nn.Module, path: Path, net_config: NetworkConfig,
+                device: torch.device) -> dict[str, Any]:
+    """Load the weights of checkpoint ``path`` (same network config) into ``model`` for a new run
+    (``--init``); returns where they came from: the file and the run that trained them."""
+    payload = load_checkpoint(path, device)
+    record = payload["record"]
+    if NetworkConfig.from_dict(record["config"]) != net_config:
+        raise UserError(f"--init {path} holds another network; pass its --preset/--kind")
+    try:
+        load_weights(model, payload["state_dict"])
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"--init {path} cannot be loaded: "
+                        f"{str(err).strip().splitlines()[0][:300]}") from None
+    return {"checkpoint": str(path), "epoch": record.get("epoch"), "train": record.get("train"),
+            "metrics": record.get("metrics"), "init": record.get("init")}
 
 
 def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -271,6 +271,7 @@ def assert_one_line_error(code: int, err: str) -> None:
     (["train", "--epochs", "0"], "≥ 1"),
     (["train", "--eps", "abc"], "neither a number"),
     (["train", "--optimizer", "lbfgs"], "invalid choice"),
+    (["train", "--init", "x.pt", "--resume"], "use one of them"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments(argv: list[str], expected: str, checkpoint: Path, capsys) -> None:

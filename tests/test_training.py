@@ -357,6 +357,50 @@ def test_resume_errors(run, sets, tmp_path: Path) -> None:
         train(config(bare, resume=True, val_size=0), train_set=sets[0], val_set=None)
 
 
+def test_init_starts_a_new_run_from_a_checkpoints_weights(run, sets, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    """--init: the first step starts from the checkpoint's weights (the model before training
+    equals it), with a fresh optimiser and schedule; the record names where the weights came
+    from."""
+    model, record, source = run
+    seen = []
+    original = train_module.optimizer_step
+
+    def first_step(net, optimizer, loss_fn, x, y):
+        if not seen:
+            seen.append(({k: v.clone() for k, v in net.state_dict().items()},
+                         len(optimizer.state), optimizer.param_groups[0]["lr"]))
+        return original(net, optimizer, loss_fn, x, y)
+
+    monkeypatch.setattr(train_module, "optimizer_step", first_step)
+    out = tmp_path / "tuned.pt"
+    tuned, tuned_record = train(config(out, epochs=1, lr=0.001, init=str(source), augment=True),
+                                train_set=sets[0], val_set=sets[1], log=lambda _: None)
+    start, optimizer_entries, lr = seen[0]
+    for key, value in model.state_dict().items():
+        assert torch.equal(start[key], value), key
+    assert optimizer_entries == 0 and lr == pytest.approx(0.001)
+    assert any(not torch.equal(tuned.state_dict()[k], v) for k, v in start.items())
+    assert tuned_record["init"]["checkpoint"] == str(source)
+    assert tuned_record["init"]["epoch"] == record["epoch"] == 2
+    assert tuned_record["init"]["train"]["augment"] is False
+    assert [h["epoch"] for h in tuned_record["history"]] == [1]
+    assert load_checkpoint(out)["record"]["init"] == tuned_record["init"]
+
+
+def test_init_errors(run, sets, tmp_path: Path) -> None:
+    source = run[2]
+    with pytest.raises(UserError, match="use one of them"):
+        train(config(tmp_path / "a.pt", init=str(source), resume=True), train_set=sets[0])
+    with pytest.raises(UserError, match="another network"):
+        train(config(tmp_path / "b.pt", init=str(source), kind="euler", val_size=0),
+              train_set=sets[0], val_set=None)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        train(config(tmp_path / "c.pt", init=str(tmp_path / "none.pt"), val_size=0),
+              train_set=sets[0], val_set=None)
+    assert not any((tmp_path / name).exists() for name in ("a.pt", "b.pt", "c.pt"))
+
+
 # ------------------------------------------------------------------ NaN guard
 
 
