@@ -210,7 +210,7 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
     out = Path(cfg.out)
     start_epoch, step, history = 0, 0, []
     if cfg.resume:
-        start_epoch, step, history = _resume(out, model, optimizer, net_config, device)
+        start_epoch, step, history, start = _resume(out, model, optimizer, net_config, device)
         if world.main:
             log(f"resuming {out} after epoch {start_epoch}")
     if world.main and not cfg.resume and out.exists():
@@ -342,7 +342,7 @@ def _initialise(model: nn.Module, path: Path, net_config: NetworkConfig,
 
 
 def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            net_config: NetworkConfig, device: torch.device) -> tuple[int, int, list]:
+            net_config: NetworkConfig, device: torch.device) -> tuple[int, int, list, dict | None]:
     payload = load_checkpoint(path, device)
     record, training = payload["record"], payload.get("training")
     if training is None:
@@ -356,4 +356,5 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         raise UserError(f"{path} cannot be resumed: {str(err).strip().splitlines()[0][:300]}") from None
     optimizer.load_state_dict(training["optimizer"])
     torch.set_rng_state(training["torch_rng"])
-    return int(training["epoch"]), int(training["step"]), list(record.get("history", []))
+    return (int(training["epoch"]), int(training["step"]), list(record.get("history", [])),
+            record.get("init"))

@@ -386,6 +386,10 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(run, sets, tmp_path: P
     assert tuned_record["init"]["train"]["augment"] is False
     assert [h["epoch"] for h in tuned_record["history"]] == [1]
     assert load_checkpoint(out)["record"]["init"] == tuned_record["init"]
+    # a resumed fine-tuning run still names the weights it started from
+    _, resumed = train(config(out, epochs=2, lr=0.001, resume=True, augment=True),
+                       train_set=sets[0], val_set=sets[1], log=lambda _: None)
+    assert resumed["init"] == tuned_record["init"] and resumed["epoch"] == 2
 
 
 def test_init_errors(run, sets, tmp_path: Path) -> None:
