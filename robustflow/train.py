@@ -324,19 +324,28 @@ def _record(cfg: TrainConfig, net_config: NetworkConfig, train_set: ImageSet,
     }
 
 
+def _load_same_network(payload: dict[str, Any], path: Path, model: nn.Module,
+                       net_config: NetworkConfig, purpose: str) -> None:
+    """Load the weights of checkpoint ``payload`` (read from ``path``) into ``model``; a
+    :class:`UserError` if it holds another network or weights that do not fit. ``purpose`` names
+    the use in messages."""
+    if NetworkConfig.from_dict(payload["record"]["config"]) != net_config:
+        hint = " or a new --out" if purpose == "resumed" else ""
+        raise UserError(f"{path} was trained with another network config; pass the same "
+                        f"--preset/--kind{hint}")
+    try:
+        load_weights(model, payload["state_dict"])
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"{path} cannot be {purpose}: {str(err).strip().splitlines()[0][:300]}") from None
+
+
 def _initialise(model: nn.Module, path: Path, net_config: NetworkConfig,
                 device: torch.device) -> dict[str, Any]:
     """Load the weights of checkpoint ``path`` (same network config) into ``model`` for a new run
     (``--init``); returns where they came from: the file and the run that trained them."""
     payload = load_checkpoint(path, device)
+    _load_same_network(payload, path, model, net_config, "loaded by --init")
     record = payload["record"]
-    if NetworkConfig.from_dict(record["config"]) != net_config:
-        raise UserError(f"--init {path} holds another network; pass its --preset/--kind")
-    try:
-        load_weights(model, payload["state_dict"])
-    except (RuntimeError, ValueError) as err:
-        raise UserError(f"--init {path} cannot be loaded: "
-                        f"{str(err).strip().splitlines()[0][:300]}") from None
     return {"checkpoint": str(path), "epoch": record.get("epoch"), "train": record.get("train"),
             "metrics": record.get("metrics"), "init": record.get("init")}
 
@@ -344,16 +353,10 @@ def _initialise(model: nn.Module, path: Path, net_config: NetworkConfig,
 def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             net_config: NetworkConfig, device: torch.device) -> tuple[int, int, list, dict | None]:
     payload = load_checkpoint(path, device)
-    record, training = payload["record"], payload.get("training")
-    if training is None:
+    if payload.get("training") is None:
         raise UserError(f"{path} holds no training state to resume from")
-    if NetworkConfig.from_dict(record["config"]) != net_config:
-        raise UserError(f"{path} was trained with another network config; pass the same "
-                        f"--preset/--kind or a new --out")
-    try:
-        load_weights(model, payload["state_dict"])
-    except (RuntimeError, ValueError) as err:
-        raise UserError(f"{path} cannot be resumed: {str(err).strip().splitlines()[0][:300]}") from None
+    _load_same_network(payload, path, model, net_config, "resumed")
+    record, training = payload["record"], payload["training"]
     optimizer.load_state_dict(training["optimizer"])
     torch.set_rng_state(training["torch_rng"])
     return (int(training["epoch"]), int(training["step"]), list(record.get("history", [])),
