@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from robustflow.checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
 from robustflow.data import CLASSES, ImageSet
 from robustflow.errors import UserError
+from robustflow.layers import fold_bound_excess
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODELS = {"lipschitz": "lipschitz.pt", "baseline": "baseline.pt"}
@@ -109,8 +110,17 @@ def sample_plane_cat(path: str | os.PathLike | None = None) -> int | None:
 def package_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A training checkpoint as a bundled model: its weights and record (recipe, history,
     versions), without the optimiser and RNG state that only ``--resume`` needs; written
-    atomically. The model is rebuilt and checked first, so a damaged file is never bundled."""
-    model_from_checkpoint(checkpoint)  # refuses non-finite values, bad step sizes, …
+    atomically. The model is rebuilt and checked first, so a damaged file is never bundled. A
+    1-Lipschitz model whose proven bound exceeds 1 (float32 rounding of its orthogonal weights)
+    has the excess folded into its head (:func:`~robustflow.layers.fold_bound_excess`), recorded
+    in ``bound_folded_into_head``, so every bundled 1-Lipschitz model is proven ≤ 1."""
+    model, record = model_from_checkpoint(checkpoint)  # refuses non-finite values, bad step sizes, …
     payload = load_checkpoint(checkpoint)
     payload["training"] = None
+    if model.config.kind == "lipschitz":
+        size = model.config.image_size
+        factor = fold_bound_excess(model, (model.config.in_channels, size, size))
+        if factor < 1.0:
+            payload["state_dict"] = model.state_dict()
+            payload["record"]["bound_folded_into_head"] = factor * record.get("bound_folded_into_head", 1.0)
     return atomic_torch_save(payload, out)

@@ -154,3 +154,34 @@ def test_the_bundled_plane_cat_image_is_a_proof() -> None:
     assert float((adversarial - x).norm()) <= 0.3 + 1e-5
     with torch.no_grad():
         assert int(baseline(adversarial).argmax()) == 3 and int(lipschitz(adversarial).argmax()) == 0
+
+
+def test_package_model_folds_a_bound_above_one_into_the_head(tmp_path) -> None:
+    """A checkpoint whose proven bound exceeds 1 (here its head scale times 4) is bundled with
+    the excess folded into its head: the packaged model is proven ≤ 1, its predictions are the
+    source's, and the record says by what factor the logits shrank."""
+    from certify import lipschitz_bound
+    from robustflow.checkpoint import load_checkpoint
+    from robustflow.pretrained import package_model
+    from robustflow.train import TrainConfig, train
+    from tests.conftest import synthetic_set
+
+    source = tmp_path / "run.pt"
+    train(TrainConfig(preset="micro", epochs=1, batch_size=32, val_size=0, device="cpu",
+                      progress=False, out=str(source)), train_set=synthetic_set(64, 0),
+          val_set=None, log=lambda _: None)
+    payload = load_checkpoint(source)
+    key = next(k for k in payload["state_dict"] if k.endswith("weight.0.scale"))
+    payload["state_dict"][key] = payload["state_dict"][key] * 4.0
+    torch.save(payload, tmp_path / "scaled.pt")
+    scaled = load_model(tmp_path / "scaled.pt")
+    assert lipschitz_bound(scaled, (3, 32, 32)) > 1.5
+    packaged = package_model(tmp_path / "scaled.pt", tmp_path / "bundled.pt")
+    folded = load_model(packaged)
+    assert lipschitz_bound(folded, (3, 32, 32)) <= 1.0
+    factor = load_checkpoint(packaged)["record"]["bound_folded_into_head"]
+    previous = payload["record"].get("bound_folded_into_head", 1.0)
+    assert factor / previous == pytest.approx(1 / lipschitz_bound(scaled, (3, 32, 32)), rel=1e-5)
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(folded(x).argmax(1), scaled(x).argmax(1))
