@@ -54,12 +54,14 @@ def _clock(work: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, fl
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def certified_radii(model: nn.Module, images: Tensor, labels: Tensor, batch: int) -> Tensor:
-    """robustflow's proven L2 radii (0 for misclassified points)."""
+def certified_radii(model: nn.Module, images: Tensor, labels: Tensor, batch: int,
+                    epsilons: list[float]) -> Tensor:
+    """robustflow's proven L2 radii (0 for misclassified points), with the decisions at
+    ``epsilons`` computed exactly (a float64 re-check where float32 rounding could flip them)."""
     from certify import Certifier
 
     certifier = Certifier(model, tuple(images.shape[1:]))
-    return torch.cat([certifier(images[i:i + batch], labels[i:i + batch]).radius.cpu()
+    return torch.cat([certifier(images[i:i + batch], labels[i:i + batch], epsilons).radius.cpu()
                       for i in range(0, len(images), batch)])
 
 
@@ -114,7 +116,8 @@ def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[t
         with torch.no_grad():
             correct = torch.cat([model(images[i:i + 500]).argmax(1) == labels[i:i + 500]
                                  for i in range(0, len(images), 500)])
-        radii, certify_s, certify_cpu = _clock(certified_radii, model, images, labels, batch)
+        l2 = [eps for norm, _, eps in eps_items if norm == "l2"]
+        radii, certify_s, certify_cpu = _clock(certified_radii, model, images, labels, batch, l2)
         for norm, label, eps in eps_items:
             skip = correct & (radii > eps) if norm == "l2" else torch.zeros_like(correct)
             row = {"model": name, "norm": norm, "eps": label, "n": len(images),

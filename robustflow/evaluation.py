@@ -153,7 +153,8 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
         except NotCertifiable:
             certifier = None
         if certifier is not None:
-            radii = torch.cat([certifier(x.to(device), y.to(device)).radius.cpu()
+            radii_at = [eps * scale for _, eps in epsilons]  # decisions at these exact, as in certify
+            radii = torch.cat([certifier(x.to(device), y.to(device), epsilons=radii_at).radius.cpu()
                                for x, y in batches(data, batch_size)])
     robust_counts = {label: 0 for label, _ in epsilons}
     attacked = {label: 0 for label, _ in epsilons}
@@ -196,7 +197,7 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
                                                  attack.removeprefix("foolbox:"))
             distances.extend(found.cpu().tolist())
     if radii is not None:  # radius 0 for misclassified points; at ε = 0 certified = correct
-        certified = {label: float((radii > eps * scale).float().mean()) if eps > 0 else correct / n
+        certified = {label: int((radii > eps * scale).sum()) / n if eps > 0 else correct / n
                      for label, eps in epsilons}
     per_attack = None
     if stages:
