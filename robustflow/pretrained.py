@@ -1,9 +1,9 @@
 """The bundled models and test sample: the embedded default everything runs on offline.
 
-``assets/`` holds ``lipschitz.pt`` (the default 1-Lipschitz model), ``baseline.pt`` (the
-unconstrained Euler-ResNet of the same shape, trained the same way) and
-``cifar10_sample.npz`` (1,000 CIFAR-10 test images, 100 per class, uint8). Loading needs
-no network; ``README.md`` records how each was made and what it measures.
+``assets/`` holds ``lipschitz.pt`` (the default 1-Lipschitz model, preset ``wide``),
+``baseline.pt`` (an unconstrained Euler-ResNet, preset ``small``) and ``cifar10_sample.npz``
+(1,000 CIFAR-10 test images, 100 per class, uint8). Loading needs no network; ``README.md``
+records how each was made and what it measures.
 """
 
 from __future__ import annotations

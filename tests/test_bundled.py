@@ -20,17 +20,18 @@ def test_bundled_files_load_and_describe_themselves() -> None:
     assert labels.bincount().tolist() == [100] * 10
     lipschitz, baseline = load_model("lipschitz"), load_model("baseline")
     assert lipschitz.config.kind == "lipschitz" and baseline.config.kind == "euler"
-    assert lipschitz.lipschitz_bound() <= 1 + 1e-5
+    assert lipschitz.lipschitz_bound() <= 1.0  # packaging folds any rounding excess into the head
     assets = model_path("lipschitz").parent
     assert sum(f.stat().st_size for f in assets.iterdir() if f.is_file()) < 20e6  # all assets
 
 
 def _certified_points_resist(count: int, steps: int, restarts: int) -> int:
-    """Attack every certified point of the first ``count`` images at 0.99× its radius."""
+    """Attack every certified point of the first ``count`` images at 0.99× its radius (the
+    float64 certificate: float32's is lowered by a rounding bound of about 2 logits)."""
     model = load_model("lipschitz")
     images, labels = load_test_sample()
     x, y = images[:count], labels[:count]
-    cert = Certifier(model, (3, 32, 32))(x, y)
+    cert = Certifier(load_model("lipschitz").double(), (3, 32, 32))(x.double(), y)
     certified = cert.correct & (cert.radius > 0)
     x, y, radius = x[certified], y[certified], cert.radius[certified]
     fast = export_plain(model)
