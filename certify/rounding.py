@@ -21,7 +21,10 @@ Every bound here is an :class:`Affine` function ``a + b r`` of the input norm ``
 whole network's error bound is two numbers, computed once, and ``a + b ‖x‖`` per sample.
 
 The bound holds only for the arithmetic it was derived for: IEEE float32 or float64 with no
-TF32, float16 or bfloat16 anywhere. :func:`exact_arithmetic` switches those off.
+TF32, float16 or bfloat16 anywhere, and convolutions computed as inner products (direct or
+im2col + GEMM), not by Winograd or FFT transforms, whose errors this model does not cover (cuDNN
+picks them for 3×3 kernels; NNPACK, torch's CPU convolution when oneDNN is off, uses them).
+:func:`exact_arithmetic` switches all of those off.
 """
 
 from __future__ import annotations
@@ -158,21 +161,25 @@ def exact_arithmetic() -> Iterator[None]:
     """IEEE float32/float64 inside the block, whatever the caller's settings; restored after.
 
     Turns off TF32 in cuDNN convolutions and CUDA matmuls (on by default for cuDNN), oneDNN's
-    reduced-precision float32 modes, and autocast on every device, so that the arithmetic is the
-    one the rounding bounds describe.
+    reduced-precision float32 modes, autocast on every device, and the convolution libraries that
+    may use Winograd or FFT algorithms (cuDNN, so CUDA convolutions run as im2col + GEMM, and
+    NNPACK), so that the arithmetic is the one the rounding bounds describe.
     """
     flags = _precision_flags()
     saved = [getattr(owner, name) for _, owner, name, _ in flags]
+    nnpack = torch._C._get_nnpack_enabled()
     with contextlib.ExitStack() as stack:
         try:
             for _, owner, name, strict in flags:
                 setattr(owner, name, strict)
+            torch._C._set_nnpack_enabled(False)
             for device in _autocast_devices():
                 stack.enter_context(torch.autocast(device_type=device, enabled=False))
             yield
         finally:
             for (_, owner, name, _), value in zip(flags, saved, strict=True):
                 setattr(owner, name, value)
+            torch._C._set_nnpack_enabled(nnpack)
 
 
 def _precision_flags() -> list[tuple[str, object, str, object]]:
@@ -181,11 +188,12 @@ def _precision_flags() -> list[tuple[str, object, str, object]]:
     groups = [(f"{group}.{sub}", getattr(getattr(backends, group, None), sub, None)) for group, sub in
               (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"),
                ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))]
+    algorithms = [("cudnn", backends.cudnn, "enabled", False)]  # Winograd and FFT convolutions
     if all(owner is not None and hasattr(owner, "fp32_precision") for _, owner in groups):
-        return [(label, owner, "fp32_precision", "ieee") for label, owner in groups]
+        return [(label, owner, "fp32_precision", "ieee") for label, owner in groups] + algorithms
     # torch releases before the fp32_precision API: the legacy TF32 switches
     return [("cuda.matmul", backends.cuda.matmul, "allow_tf32", False),
-            ("cudnn", backends.cudnn, "allow_tf32", False)]
+            ("cudnn", backends.cudnn, "allow_tf32", False)] + algorithms
 
 
 def _autocast_devices() -> list[str]:
@@ -199,6 +207,7 @@ def precision_state() -> dict[str, object]:
     """The current values of the switches :func:`exact_arithmetic` sets (for tests and reports)."""
     state: dict[str, object] = {f"{label}.{name}": getattr(owner, name)
                                 for label, owner, name, _ in _precision_flags()}
+    state["nnpack.enabled"] = torch._C._get_nnpack_enabled()
     state["autocast_cpu"] = torch.is_autocast_enabled("cpu")
     if torch.cuda.is_available():
         state["autocast_cuda"] = torch.is_autocast_enabled("cuda")

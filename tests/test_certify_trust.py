@@ -140,7 +140,28 @@ def test_precision_switches_are_strict_inside_and_restored_after(registry, tf32_
     for state in seen:
         assert all(v == "ieee" for k, v in state.items() if k.endswith("fp32_precision"))
         assert state["autocast_cpu"] is False
+        assert state["cudnn.enabled"] is False and state["nnpack.enabled"] is False
     assert precision_state() == before
+
+
+def test_convolutions_run_as_inner_products_during_certification() -> None:
+    """The rounding bound covers inner products, not Winograd or FFT convolutions. With oneDNN
+    switched off by the caller, torch computes a batch of 3×3 convolutions on the CPU with
+    NNPACK (Winograd/FFT); inside :func:`exact_arithmetic` it falls back to im2col + GEMM."""
+    x, w = torch.randn(64, 32, 10, 10), torch.randn(32, 32, 3, 3)
+
+    def backend() -> str:
+        return str(torch._C._select_conv_backend(x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                                 [0, 0], 1, None))
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        outside = backend()
+        with exact_arithmetic():
+            inside = backend()
+        assert backend() == outside  # the caller's setting is back
+    if torch._nnpack_available():
+        assert "Nnpack" in outside
+    assert "Nnpack" not in inside and "Winograd" not in inside and inside.endswith("Slow2d")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
