@@ -14,7 +14,9 @@ from certify.spectral import SAFETY, matrix_singular_values
 class Centering(nn.Module):
     """``x ↦ (x − μ) / σ`` per channel; ``Lip = 1 / min σ`` (1 without scaling).
 
-    Both vectors are buffers, so they travel with the weights and the bound.
+    Both vectors are buffers, so they travel with the weights and the bound. On the CPU the
+    result is laid out channels-last, the layout in which oneDNN's convolutions run without
+    reordering their inputs (the values are the same in any layout).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float] | None = None):
@@ -33,10 +35,24 @@ class Centering(nn.Module):
             raise ValueError(
                 f"Centering expects images (batch, {self.mean.shape[0]}, H, W), got {tuple(x.shape)}"
             )
-        return (x - self.mean) / self.std
+        out = (x - self.mean) / self.std
+        return _ChannelsLast.apply(out) if out.is_cpu else out
 
     def lipschitz_bound(self) -> float:
         return 1.0 / float(self.std.min().double()) * (1 + SAFETY)
+
+
+class _ChannelsLast(torch.autograd.Function):
+    """The identity, laying its output out channels-last; the gradient goes back channels-first,
+    the layout callers expect (attack libraries ``.view()`` input gradients)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 class _SpectralNormalization(nn.Module):

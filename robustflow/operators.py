@@ -156,14 +156,26 @@ def compose_kernels(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _CircularPad(torch.autograd.Function):
-    """``F.pad(mode="circular")`` forward; the backward folds the border gradients back onto
-    the rows and columns they were copied from (a few strip additions, instead of the full-size
+    """``F.pad(mode="circular")``, written as five strip copies into one buffer that keeps the
+    input's memory format (``F.pad`` returns channels-first, which makes oneDNN reorder every
+    channels-last convolution input); the backward folds the border gradients back onto the
+    rows and columns they were copied from (a few strip additions, instead of the full-size
     zero-fill-and-add per slice that autograd would record for concatenated slices)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p: int) -> Tensor:
         ctx.p = p
-        return F.pad(x, (p, p, p, p), mode="circular")
+        n, c, h, w = x.shape
+        layout = (torch.channels_last if not x.is_contiguous()
+                  and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        out = torch.empty((n, c, h + 2 * p, w + 2 * p), dtype=x.dtype, device=x.device,
+                          memory_format=layout)
+        out[..., p:-p, p:-p] = x
+        out[..., :p, p:-p] = x[..., -p:, :]
+        out[..., -p:, p:-p] = x[..., :p, :]
+        out[..., :p] = out[..., -2 * p:-p]  # the columns last, corners included
+        out[..., -p:] = out[..., p:2 * p]
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:

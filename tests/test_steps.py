@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from robustflow.activations import Sigma
 from robustflow.layers import Centering, NormalizedLinear
+from robustflow.networks import build_model, preset
 from robustflow.operators import (
     ChannelMix,
     ConvOperator,
@@ -147,6 +148,10 @@ def test_fast_kernel_composition_and_padding_match_their_definitions() -> None:
         (folded,) = torch.autograd.grad(circular_pad(leaf, p), leaf, grad)
         (reference,) = torch.autograd.grad(F.pad(leaf, (p, p, p, p), mode="circular"), leaf, grad)
         assert torch.allclose(folded, reference, atol=1e-12)  # the hand-written backward
+        if p:  # a channels-last input stays channels-last (oneDNN convolves it without a reorder)
+            padded = circular_pad(x.contiguous(memory_format=torch.channels_last), p)
+            assert torch.equal(padded, expected)
+            assert padded.is_contiguous(memory_format=torch.channels_last) and not padded.is_contiguous()
     with pytest.raises(ValueError, match="cannot wrap"):
         circular_pad(x, 6)
     # the BCOP kernel built by matrix products equals the composition of its factors
@@ -362,3 +367,24 @@ def test_wide_contractive_steps_have_sigma_min_zero_and_a_true_bound(kind: str, 
     norms = [jacobian_norm(step, torch.randn(*shape, dtype=torch.float64)) for _ in range(5)]
     assert max(norms) <= bound * (1 + 1e-12)  # float64 rounding of the Jacobian's SVD
     assert max(norms) >= 1.0 - 1e-9  # the kernel of A is left unchanged: norm ≥ 1
+
+
+def test_centering_lays_images_out_channels_last_on_the_cpu() -> None:
+    """(x − μ)/σ exactly, in the layout oneDNN convolves without reordering; a network fed
+    channels-first images gives the same logits as the plain formula in float64."""
+    layer = Centering([0.5, 0.4, 0.3], [0.5, 0.25, 0.2])
+    x = torch.rand(4, 3, 6, 6)
+    out = layer(x)
+    assert torch.equal(out, (x - layer.mean) / layer.std)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    model = build_model(preset("micro")).double().eval()
+    images = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(images)
+        reference = images
+        for part in model:  # every part fed a channels-first tensor
+            reference = part(reference.contiguous())
+    assert torch.allclose(logits, reference, atol=1e-12)
+    leaf = images.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(model(leaf).sum(), leaf)
+    assert grad.is_contiguous()  # what callers expect: torchattacks .view()s input gradients
