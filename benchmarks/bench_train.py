@@ -28,15 +28,20 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=900.0, help="seconds of training")
     parser.add_argument("--preset", default=TrainConfig.preset)
     parser.add_argument("--kind", default=TrainConfig.kind)
+    parser.add_argument("--augment", action="store_true", help="crop + flip (default off)")
+    parser.add_argument("--train-eps", type=float, default=TrainConfig.train_eps,
+                        help="margin of the certified loss")
     parser.add_argument("--out", default="runs/bench-train.pt")
     args = parser.parse_args()
     cfg = dataclasses.replace(TrainConfig(), preset=args.preset, kind=args.kind, epochs=1000,
-                              time_budget=args.budget, out=args.out, progress=False)
+                              time_budget=args.budget, out=args.out, progress=False,
+                              augment=args.augment, train_eps=args.train_eps)
     model, record = train(cfg, data_root=args.data_root)
     test = load_cifar10(args.data_root, False)
     report = certify_dataset(model, test, [("36/255", 36 / 255), ("0.3", 0.3)], progress=False)
     metrics = record["metrics"]
-    print(f"preset {args.preset} ({args.kind}), {args.budget:.0f} s budget, "
+    print(f"preset {args.preset} ({args.kind}), {args.budget:.0f} s budget, training ε "
+          f"{args.train_eps:g}, {'crop + flip' if args.augment else 'no augmentation'}, "
           f"{torch.get_num_threads()} threads, {record['epoch']} epochs")
     print(f"training images/s: {metrics['images_per_second']:.0f}")
     print(f"test clean accuracy: {100 * report.clean_accuracy:.2f}%")
