@@ -81,7 +81,7 @@ def run_demo(out_dir: str | Path = "robustflow-demo", *, limit: int | None = Non
     attacks = {}
     for name in ("lipschitz", "baseline"):
         log(f"PGD-L2 ({steps} steps) on the {name} model at ε = {', '.join(k for k, _ in ATTACK_EPS)}")
-        # the baseline has no useful certificate (its bound is in the millions): none to skip
+        # the baseline has no useful certificate (its proven bound is ~1e12): none to skip
         report = attack_dataset(models[name], data, "pgd-l2", ATTACK_EPS, steps=steps,
                                 progress=progress, name=f"bundled {name}",
                                 use_certificates=name == "lipschitz")

@@ -1,7 +1,7 @@
 """The bundled models and test sample: the embedded default everything runs on offline.
 
 ``assets/`` holds ``lipschitz.pt`` (the default 1-Lipschitz model, preset ``wide``),
-``baseline.pt`` (an unconstrained Euler-ResNet, preset ``small``) and ``cifar10_sample.npz``
+``baseline.pt`` (an unconstrained Euler-ResNet, preset ``wide``) and ``cifar10_sample.npz``
 (1,000 CIFAR-10 test images, 100 per class, uint8). Loading needs no network; ``README.md``
 records how each was made and what it measures.
 """
