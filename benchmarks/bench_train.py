@@ -31,17 +31,25 @@ def main() -> None:
     parser.add_argument("--augment", action="store_true", help="crop + flip (default off)")
     parser.add_argument("--train-eps", type=float, default=TrainConfig.train_eps,
                         help="margin of the certified loss")
+    parser.add_argument("--temperature", type=float, default=TrainConfig.temperature,
+                        help="temperature of the certified loss")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--out", default="runs/bench-train.pt")
     args = parser.parse_args()
     cfg = dataclasses.replace(TrainConfig(), preset=args.preset, kind=args.kind, epochs=1000,
                               time_budget=args.budget, out=args.out, progress=False,
-                              augment=args.augment, train_eps=args.train_eps)
+                              augment=args.augment, train_eps=args.train_eps,
+                              batch_size=args.batch_size, lr=args.lr,
+                              temperature=args.temperature)
     model, record = train(cfg, data_root=args.data_root)
     test = load_cifar10(args.data_root, False)
     report = certify_dataset(model, test, [("36/255", 36 / 255), ("0.3", 0.3)], progress=False)
     metrics = record["metrics"]
     print(f"preset {args.preset} ({args.kind}), {args.budget:.0f} s budget, training ε "
-          f"{args.train_eps:g}, {'crop + flip' if args.augment else 'no augmentation'}, "
+          f"{args.train_eps:g}, temperature {args.temperature:g}, batch {args.batch_size}, "
+          f"lr {args.lr:g}, "
+          f"{'crop + flip' if args.augment else 'no augmentation'}, "
           f"{torch.get_num_threads()} threads, {record['epoch']} epochs")
     print(f"training images/s: {metrics['images_per_second']:.0f}")
     print(f"test clean accuracy: {100 * report.clean_accuracy:.2f}%")
