@@ -16,6 +16,7 @@ proves robust at ε (only L2 certificates exist, so L∞ points are all attacked
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import time
@@ -52,6 +53,13 @@ def _clock(work: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, fl
     wall, cpu = time.perf_counter(), time.process_time()
     result = work(*args, **kwargs)
     return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def asset_fingerprint(name: str) -> str:
+    """SHA-256 of the bundled model ``name``'s file: which model a row was measured on."""
+    from robustflow.pretrained import model_path
+
+    return hashlib.sha256(model_path(name).read_bytes()).hexdigest()
 
 
 def certified_radii(model: nn.Module, images: Tensor, labels: Tensor, batch: int,
@@ -120,7 +128,8 @@ def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[t
         radii, certify_s, certify_cpu = _clock(certified_radii, model, images, labels, batch, l2)
         for norm, label, eps in eps_items:
             skip = correct & (radii > eps) if norm == "l2" else torch.zeros_like(correct)
-            row = {"model": name, "norm": norm, "eps": label, "n": len(images),
+            row = {"model": name, "asset_sha256": asset_fingerprint(name), "norm": norm,
+                   "eps": label, "n": len(images),
                    "clean": correct.float().mean().item(), "certified": skip.float().mean().item(),
                    "version": version, "steps": steps, "queries": queries}
             budget = {"version": version, "steps": steps, "queries": queries, "batch": batch}

@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-batch", type=int, help="batch size for section 5 (128; quick 32)")
     parser.add_argument("--aa-n", type=int, help="bundled test images for section 6 (1000; quick 40)")
     parser.add_argument("--aa-queries", type=int, help="Square queries in section 6 (5000; quick 100)")
+    parser.add_argument("--aa-cells", help="section 6: take the rows from this JSON-lines file "
+                        "(bench_autoattack.py --json, one cell per call) instead of running them")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -532,10 +534,16 @@ def section_autoattack(ctx: Context) -> dict:
 
     images, labels = load_test_sample()
     images, labels = images[: args.aa_n], labels[: args.aa_n]
-    print(f"[6] AutoAttack, ours and torchattacks', on {len(images)} bundled test images", flush=True)
-    rows = bench_autoattack.compare(["lipschitz", "baseline"], images, labels,
-                                    bench_autoattack.parse_eps(bench_autoattack.DEFAULT_EPS),
-                                    queries=args.aa_queries, no_skip_too=True)
+    eps_items = bench_autoattack.parse_eps(bench_autoattack.DEFAULT_EPS)
+    if args.aa_cells:
+        print(f"[6] AutoAttack rows from {args.aa_cells}", flush=True)
+        rows = cells_from_file(Path(args.aa_cells), ["lipschitz", "baseline"], eps_items,
+                               n=len(images), queries=args.aa_queries)
+    else:
+        print(f"[6] AutoAttack, ours and torchattacks', on {len(images)} bundled test images",
+              flush=True)
+        rows = bench_autoattack.compare(["lipschitz", "baseline"], images, labels, eps_items,
+                                        queries=args.aa_queries, no_skip_too=True)
     worst = max(r["ours"] - r["torchattacks"] for r in rows)
     slowest = min(rows, key=lambda r: r["speedup_cpu"])
     cells = "; ".join(f"{r['model']} {r['norm']} {r['eps']} {r['speedup_cpu']:.2f}×" for r in rows)
@@ -547,7 +555,51 @@ def section_autoattack(ctx: Context) -> dict:
              "met": slowest["speedup_cpu"] >= 1.5, "detail": cells}]
     return {"rows": rows, "aims": aims,
             "settings": {"n": len(images), "queries": args.aa_queries, "steps": 10, "targets": 9,
-                         "batch_size": 250, "models": "bundled lipschitz.pt and baseline.pt"}}
+                         "batch_size": 250, "models": "bundled lipschitz.pt and baseline.pt",
+                         "cells_from": args.aa_cells}}
+
+
+def cells_from_file(path: Path, models: list[str], eps_items: list[tuple[str, str, float]], *,
+                    n: int, queries: int) -> list[dict]:
+    """Section 6's rows from a ``bench_autoattack.py --json`` file, measured one cell per call
+    (the full comparison takes longer than one sitting). Each (model, norm, ε) cell must be
+    there, measured on today's bundled model (same SHA-256), ``n`` images, ``queries`` Square
+    queries, the standard version at torchattacks' 10 steps, with torchattacks; the last such
+    row of a cell counts. Raises ``SystemExit`` naming what is missing or does not match."""
+    if not path.is_file():
+        raise SystemExit(f"--aa-cells: no file {path}")
+    fingerprints = {m: bench_autoattack.asset_fingerprint(m) for m in models}
+    found: dict[tuple[str, str, str], dict] = {}
+    rejected = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = (row["model"], row["norm"], row["eps"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SystemExit(f"--aa-cells: {path} line {number} is not a bench_autoattack row "
+                             f"({err})") from None
+        wrong = {"n": n, "queries": queries, "steps": 10, "version": "standard"}
+        wrong = [f"{k} {row.get(k)!r} (need {v!r})" for k, v in wrong.items() if row.get(k) != v]
+        if row.get("asset_sha256") != fingerprints.get(row["model"]):
+            wrong.append("measured on another bundled model (SHA-256 differs)")
+        if "torchattacks" not in row:
+            wrong.append("run without torchattacks")
+        if wrong:
+            rejected.append(f"line {number} {' '.join(key)}: {', '.join(wrong)}")
+        else:
+            found[key] = row
+    cells = [(m, norm, label) for m in models for norm, label, _ in eps_items]
+    missing = [cell for cell in cells if cell not in found]
+    if missing:
+        commands = "; ".join(
+            f"python benchmarks/bench_autoattack.py --n {n} --queries {queries} --models {m} "
+            f"--eps {norm}:{label} --json {path}" for m, norm, label in missing)
+        detail = f" (rejected: {'; '.join(rejected)})" if rejected else ""
+        raise SystemExit(f"--aa-cells: {path} lacks {len(missing)} of {len(cells)} cells"
+                         f"{detail}; measure them with: {commands}")
+    return [found[cell] for cell in cells]
 
 
 RUNNERS = {1: section_training, 2: section_attacks, 3: section_cost, 4: section_tightness,

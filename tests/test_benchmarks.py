@@ -266,3 +266,43 @@ def test_run_all_autoattack_section_compares_with_torchattacks(tmp_path: Path) -
                                <= run_all.STRENGTH_TOLERANCE)
     assert speed["met"] == (min(r["speedup_cpu"] for r in rows) >= 1.5)
     assert "## 6. AutoAttack against torchattacks" in (out / "RESULTS.md").read_text()
+
+
+def test_run_all_autoattack_section_takes_cells_measured_one_per_call(tmp_path: Path) -> None:
+    """``--aa-cells`` builds section 6 from ``bench_autoattack.py --json`` rows: it names the
+    cells still missing (with the command for each) and rejects rows measured on another
+    bundled model or budget, so no published row comes from a model that is not bundled."""
+    from benchmarks import bench_autoattack, run_all
+
+    cells = tmp_path / "cells.jsonl"
+    bench_autoattack.main(["--n", "4", "--queries", "5", "--models", "baseline",
+                           "--eps", "linf:8/255", "--json", str(cells)])
+    (row,) = [json.loads(line) for line in cells.read_text().splitlines()]
+    assert row["asset_sha256"] == bench_autoattack.asset_fingerprint("baseline")
+    common = ["--quick", "--only", "6", "--aa-n", "4", "--aa-queries", "5",
+              "--out-dir", str(tmp_path / "out"), "--aa-cells", str(cells)]
+    with pytest.raises(SystemExit) as missing:
+        run_all.main(common)
+    message = str(missing.value)
+    assert "lacks 5 of 6 cells" in message
+    assert "--models lipschitz --eps l2:36/255" in message
+    assert "--models baseline --eps linf:8/255" not in message
+
+    rows = [dict(row, model=m, norm=norm, eps=label) for m in ("lipschitz", "baseline")
+            for norm, label in (("l2", "36/255"), ("l2", "0.3"), ("linf", "8/255"))]
+    for r in rows:
+        r["asset_sha256"] = bench_autoattack.asset_fingerprint(r["model"])
+    stale = dict(rows[0], asset_sha256="0" * 64)
+    cells.write_text("".join(json.dumps(r) + "\n" for r in [*rows[1:], stale]))
+    with pytest.raises(SystemExit) as rejected:
+        run_all.main(common)
+    assert "lacks 1 of 6 cells" in str(rejected.value)
+    assert "another bundled model" in str(rejected.value)
+
+    with cells.open("a") as handle:
+        handle.write(json.dumps(rows[0]) + "\n")
+    section = run_all.main(common)["sections"]["6"]
+    assert [(r["model"], r["norm"], r["eps"]) for r in section["rows"]] == \
+        [(r["model"], r["norm"], r["eps"]) for r in rows]
+    assert section["settings"]["cells_from"] == str(cells)
+    assert section["aims"][1]["met"] == (min(r["speedup_cpu"] for r in rows) >= 1.5)
