@@ -11,6 +11,10 @@ proves robust at ε (only L2 certificates exist, so L∞ points are all attacked
 
     python benchmarks/bench_autoattack.py --n 1000
     python benchmarks/bench_autoattack.py --n 100 --queries 1000 --models lipschitz --eps l2:0.3
+
+The full comparison takes hours, so it can be measured one cell per call, each appending its
+row (with the SHA-256 of the bundled model it measured) to one ``--json`` file;
+``python benchmarks/run_all.py --only 6 --aa-cells FILE`` then publishes section 6 from it.
 """
 
 from __future__ import annotations
