@@ -130,9 +130,10 @@ def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[t
                                  for i in range(0, len(images), 500)])
         l2 = [eps for norm, _, eps in eps_items if norm == "l2"]
         radii, certify_s, certify_cpu = _clock(certified_radii, model, images, labels, batch, l2)
+        fingerprint = asset_fingerprint(name)
         for norm, label, eps in eps_items:
             skip = correct & (radii > eps) if norm == "l2" else torch.zeros_like(correct)
-            row = {"model": name, "asset_sha256": asset_fingerprint(name), "norm": norm,
+            row = {"model": name, "asset_sha256": fingerprint, "norm": norm,
                    "eps": label, "n": len(images),
                    "clean": correct.float().mean().item(), "certified": skip.float().mean().item(),
                    "version": version, "steps": steps, "queries": queries}

@@ -580,8 +580,8 @@ def cells_from_file(path: Path, models: list[str], eps_items: list[tuple[str, st
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise SystemExit(f"--aa-cells: {path} line {number} is not a bench_autoattack row "
                              f"({err})") from None
-        wrong = {"n": n, "queries": queries, "steps": 10, "version": "standard"}
-        wrong = [f"{k} {row.get(k)!r} (need {v!r})" for k, v in wrong.items() if row.get(k) != v]
+        need = {"n": n, "queries": queries, "steps": 10, "version": "standard"}
+        wrong = [f"{k} {row.get(k)!r} (need {v!r})" for k, v in need.items() if row.get(k) != v]
         if row.get("asset_sha256") != fingerprints.get(row["model"]):
             wrong.append("measured on another bundled model (SHA-256 differs)")
         if "torchattacks" not in row:
