@@ -15,6 +15,8 @@ proves robust at ε (only L2 certificates exist, so L∞ points are all attacked
 The full comparison takes hours, so it can be measured one cell per call, each appending its
 row (with the SHA-256 of the bundled model it measured) to one ``--json`` file;
 ``python benchmarks/run_all.py --only 6 --aa-cells FILE`` then publishes section 6 from it.
+A cell too long for one sitting can be split in two calls, ``--skip-torchattacks`` and
+``--skip-ours``, whose half-rows (each with the indices of its robust points) are joined there.
 """
 
 from __future__ import annotations
@@ -110,13 +112,21 @@ def theirs(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps: flo
     return torch.cat(robust)
 
 
+def robust_points(robust: Tensor) -> list[int]:
+    """Indices of the robust points: what lets two half-rows of a cell be joined."""
+    return torch.nonzero(robust).flatten().tolist()
+
+
 def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[tuple[str, str, float]],
             *, version: str = "standard", steps: int = 10, queries: int = 5000, batch: int = 250,
-            no_skip_too: bool = False, with_torchattacks: bool = True,
+            no_skip_too: bool = False, with_torchattacks: bool = True, with_ours: bool = True,
             json_path: str | None = None) -> list[dict]:
     """One row per (bundled model, norm, ε): clean and certified accuracy, our AutoAttack's
     robust accuracy and seconds (certification included where it skips points), optionally
-    ours without skipping, and torchattacks' AutoAttack on the same images; printed as it goes."""
+    ours without skipping, and torchattacks' AutoAttack on the same images; printed as it goes.
+    ``with_ours=False`` or ``with_torchattacks=False`` writes half a row (joined by run_all)."""
+    if not (with_ours or with_torchattacks):
+        raise ValueError("nothing to measure: neither ours nor torchattacks")
     from robustflow.export import export_plain
     from robustflow.pretrained import load_model
 
@@ -138,16 +148,19 @@ def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[t
                    "clean": correct.float().mean().item(), "certified": skip.float().mean().item(),
                    "version": version, "steps": steps, "queries": queries}
             budget = {"version": version, "steps": steps, "queries": queries, "batch": batch}
-            (robust, broken), seconds, cpu = _clock(ours, model, images, labels, norm, eps,
-                                                    skip, **budget)
-            paid = (certify_s, certify_cpu) if skip.any() else (0.0, 0.0)  # only where it skips
-            row |= {"ours": robust.float().mean().item(), "ours_s": seconds + paid[0],
-                    "ours_cpu_s": cpu + paid[1], "certify_s": paid[0], "ours_broken_by": broken}
             line = (f"{name:9s} {norm:4s} {label:7s} clean {row['clean']:.1%} certified "
-                    f"{row['certified']:.1%} | ours {row['ours']:.1%} in {row['ours_cpu_s']:.0f} "
-                    f"CPU s ({row['ours_s']:.0f} s wall; certification {paid[1]:.1f} CPU s "
-                    f"included; broken by {broken})")
-            if no_skip_too and skip.any():
+                    f"{row['certified']:.1%}")
+            if with_ours:
+                (robust, broken), seconds, cpu = _clock(ours, model, images, labels, norm, eps,
+                                                        skip, **budget)
+                paid = (certify_s, certify_cpu) if skip.any() else (0.0, 0.0)  # where it skips
+                row |= {"ours": robust.float().mean().item(), "ours_s": seconds + paid[0],
+                        "ours_cpu_s": cpu + paid[1], "certify_s": paid[0], "ours_broken_by": broken,
+                        "ours_robust_points": robust_points(robust)}
+                line += (f" | ours {row['ours']:.1%} in {row['ours_cpu_s']:.0f} CPU s "
+                         f"({row['ours_s']:.0f} s wall; certification {paid[1]:.1f} CPU s "
+                         f"included; broken by {broken})")
+            if with_ours and no_skip_too and skip.any():
                 (again, _), plain_s, plain_cpu = _clock(ours, model, images, labels, norm, eps,
                                                         torch.zeros_like(skip), **budget)
                 row |= {"ours_no_skip": again.float().mean().item(), "ours_no_skip_s": plain_s,
@@ -159,11 +172,14 @@ def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[t
                                                    queries=queries, batch=batch)
                 row |= {"torchattacks": their.float().mean().item(), "torchattacks_s": their_s,
                         "torchattacks_cpu_s": their_cpu,
-                        "both_robust": (robust & their).float().mean().item(),
-                        "speedup_cpu": their_cpu / row["ours_cpu_s"]}
+                        "torchattacks_robust_points": robust_points(their)}
                 line += (f" | torchattacks {row['torchattacks']:.1%} in {their_cpu:.0f} CPU s "
-                         f"({their_s:.0f} s wall): ours {row['speedup_cpu']:.2f}x "
-                         f"faster in CPU time ({their_s / row['ours_s']:.2f}x wall), "
+                         f"({their_s:.0f} s wall)")
+            if with_ours and with_torchattacks:
+                row |= {"both_robust": (robust & their).float().mean().item(),
+                        "speedup_cpu": their_cpu / row["ours_cpu_s"]}
+                line += (f": ours {row['speedup_cpu']:.2f}x faster in CPU time "
+                         f"({their_s / row['ours_s']:.2f}x wall), "
                          f"{100 * (row['ours'] - row['torchattacks']):+.1f} points")
             print(line, flush=True)
             rows.append(row)
@@ -186,7 +202,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--no-skip-too", action="store_true",
                         help="also time ours without skipping certified points")
-    parser.add_argument("--skip-torchattacks", action="store_true")
+    halves = parser.add_mutually_exclusive_group()
+    halves.add_argument("--skip-torchattacks", action="store_true",
+                        help="measure only ours (half a row)")
+    halves.add_argument("--skip-ours", action="store_true",
+                        help="measure only torchattacks (half a row)")
     parser.add_argument("--json", help="append one JSON line per result here")
     args = parser.parse_args(argv)
     line_buffered_output()
@@ -203,7 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return compare(args.models.split(","), images, labels, parse_eps(args.eps),
                    version=args.version, steps=args.steps, queries=args.queries,
                    batch=args.batch_size, no_skip_too=args.no_skip_too,
-                   with_torchattacks=not args.skip_torchattacks, json_path=args.json)
+                   with_torchattacks=not args.skip_torchattacks, with_ours=not args.skip_ours,
+                   json_path=args.json)
 
 
 if __name__ == "__main__":

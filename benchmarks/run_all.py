@@ -564,12 +564,13 @@ def cells_from_file(path: Path, models: list[str], eps_items: list[tuple[str, st
     """Section 6's rows from a ``bench_autoattack.py --json`` file, measured one cell per call
     (the full comparison takes longer than one sitting). Each (model, norm, ε) cell must be
     there, measured on today's bundled model (same SHA-256), ``n`` images, ``queries`` Square
-    queries, the standard version at torchattacks' 10 steps, with torchattacks; the last such
-    row of a cell counts. Raises ``SystemExit`` naming what is missing or does not match."""
+    queries, the standard version at torchattacks' 10 steps. A cell is a full row or two
+    half-rows (``--skip-torchattacks`` and ``--skip-ours``), joined here; the last measurement of
+    each half counts. Raises ``SystemExit`` naming what is missing or does not match."""
     if not path.is_file():
         raise SystemExit(f"--aa-cells: no file {path}")
     fingerprints = {m: bench_autoattack.asset_fingerprint(m) for m in models}
-    found: dict[tuple[str, str, str], dict] = {}
+    halves: dict[tuple[str, str, str], dict[str, dict]] = {}
     rejected = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -584,22 +585,50 @@ def cells_from_file(path: Path, models: list[str], eps_items: list[tuple[str, st
         wrong = [f"{k} {row.get(k)!r} (need {v!r})" for k, v in need.items() if row.get(k) != v]
         if row.get("asset_sha256") != fingerprints.get(row["model"]):
             wrong.append("measured on another bundled model (SHA-256 differs)")
-        if "torchattacks" not in row:
-            wrong.append("run without torchattacks")
         if wrong:
             rejected.append(f"line {number} {' '.join(key)}: {', '.join(wrong)}")
-        else:
-            found[key] = row
+            continue
+        for side in ("ours", "torchattacks"):
+            if side in row:
+                halves.setdefault(key, {})[side] = row
+    found = {key: joined for key, sides in halves.items()
+             if (joined := _join_halves(sides)) is not None}
     cells = [(m, norm, label) for m in models for norm, label, _ in eps_items]
     missing = [cell for cell in cells if cell not in found]
     if missing:
-        commands = "; ".join(
-            f"python benchmarks/bench_autoattack.py --n {n} --queries {queries} --models {m} "
-            f"--eps {norm}:{label} --json {path}" for m, norm, label in missing)
+        def command(cell: tuple[str, str, str]) -> str:
+            m, norm, label = cell
+            has = halves.get(cell, {})
+            only = " --skip-ours" if "ours" in has else " --skip-torchattacks" if has else ""
+            return (f"python benchmarks/bench_autoattack.py --n {n} --queries {queries} --models {m} "
+                    f"--eps {norm}:{label}{only} --json {path}")
         detail = f" (rejected: {'; '.join(rejected)})" if rejected else ""
         raise SystemExit(f"--aa-cells: {path} lacks {len(missing)} of {len(cells)} cells"
-                         f"{detail}; measure them with: {commands}")
+                         f"{detail}; measure them with: {'; '.join(map(command, missing))}")
     return [found[cell] for cell in cells]
+
+
+_OURS_KEYS = ("ours", "ours_s", "ours_cpu_s", "certify_s", "ours_broken_by", "ours_robust_points",
+              "ours_no_skip", "ours_no_skip_s", "ours_no_skip_cpu_s")
+_THEIR_KEYS = ("torchattacks", "torchattacks_s", "torchattacks_cpu_s", "torchattacks_robust_points")
+
+
+def _join_halves(sides: dict[str, dict]) -> dict | None:
+    """One cell's row from its latest ``ours`` and ``torchattacks`` measurements (a full row
+    serves as either), or ``None`` while a half is missing."""
+    if set(sides) != {"ours", "torchattacks"}:
+        return None
+    mine, theirs = sides["ours"], sides["torchattacks"]
+    if mine is theirs:
+        return mine
+    row = {k: v for k, v in mine.items() if k not in _THEIR_KEYS + ("both_robust", "speedup_cpu")}
+    row |= {k: theirs[k] for k in _THEIR_KEYS if k in theirs}
+    row["speedup_cpu"] = row["torchattacks_cpu_s"] / row["ours_cpu_s"]
+    if "ours_robust_points" in row and "torchattacks_robust_points" in row:
+        both = set(row["ours_robust_points"]) & set(row["torchattacks_robust_points"])
+        row["both_robust"] = len(both) / row["n"]
+    row["joined_from_halves"] = True
+    return row
 
 
 RUNNERS = {1: section_training, 2: section_attacks, 3: section_cost, 4: section_tightness,

@@ -306,3 +306,29 @@ def test_run_all_autoattack_section_takes_cells_measured_one_per_call(tmp_path: 
         [(r["model"], r["norm"], r["eps"]) for r in rows]
     assert section["settings"]["cells_from"] == str(cells)
     assert section["aims"][1]["met"] == (min(r["speedup_cpu"] for r in rows) >= 1.5)
+
+
+def test_autoattack_cell_measured_in_two_halves_is_joined(tmp_path: Path) -> None:
+    """A cell too long for one sitting is measured as ours only and torchattacks only; run_all
+    joins the halves: each side's accuracy and time, the speed-up from the two CPU times and the
+    points robust to both from the indices each half keeps; with one half it names the other."""
+    from benchmarks import bench_autoattack, run_all
+
+    cells = tmp_path / "cells.jsonl"
+    common = ["--n", "6", "--queries", "5", "--models", "baseline", "--eps", "l2:0.3",
+              "--json", str(cells)]
+    (mine,) = bench_autoattack.main([*common, "--skip-torchattacks"])
+    assert "torchattacks" not in mine and "speedup_cpu" not in mine
+    assert len(mine["ours_robust_points"]) == round(mine["ours"] * 6)
+    with pytest.raises(SystemExit) as half:
+        run_all.cells_from_file(cells, ["baseline"], [("l2", "0.3", 0.3)], n=6, queries=5)
+    assert "--models baseline --eps l2:0.3 --skip-ours" in str(half.value)
+    (theirs,) = bench_autoattack.main([*common, "--skip-ours"])
+    assert "ours" not in theirs
+    (joined,) = run_all.cells_from_file(cells, ["baseline"], [("l2", "0.3", 0.3)], n=6,
+                                        queries=5)
+    assert joined["ours"] == mine["ours"] and joined["torchattacks"] == theirs["torchattacks"]
+    assert joined["speedup_cpu"] == pytest.approx(theirs["torchattacks_cpu_s"] / mine["ours_cpu_s"])
+    both = set(mine["ours_robust_points"]) & set(theirs["torchattacks_robust_points"])
+    assert joined["both_robust"] == pytest.approx(len(both) / 6)
+    assert joined["both_robust"] <= min(joined["ours"], joined["torchattacks"])
