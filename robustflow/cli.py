@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a classifier on CIFAR-10 (checkpoint every epoch)")
     defaults = _train_defaults()
-    t.add_argument("--preset", default=defaults.preset, help="micro, small, fast (default), wide or paper")
+    from robustflow.networks import PRESETS
+
+    t.add_argument("--preset", default=defaults.preset,
+                   help=f"{', '.join(PRESETS)} (default {defaults.preset})")
     t.add_argument("--kind", default=defaults.kind, choices=("lipschitz", "euler"))
     t.add_argument("--data-root", help="folder containing cifar-10-batches-py/ (default $ROBUSTFLOW_DATA)")
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root")
