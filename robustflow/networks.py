@@ -67,6 +67,7 @@ class NetworkConfig:
         num_classes: number of logits.
         h_c_range: range of the learnable contractive step size ``h_C``.
         expansive_share: initial ``h_E / h_E,max`` in ``(0, 1)``.
+        h_c_init: initial ``h_C``, inside ``h_c_range`` (``None``: the middle of the range).
         stem: ``"lift"`` (isometric 1×1 lift of the pixels on the full grid) or
             ``"unshuffle"`` (space-to-depth first: the stages run on a grid half as wide,
             a quarter of the cost per channel²).
@@ -89,6 +90,7 @@ class NetworkConfig:
     num_classes: int = 10
     h_c_range: tuple[float, float] = (0.15, 0.5)
     expansive_share: float = 0.5
+    h_c_init: float | None = None
     pair_rule: str = "paper"
     orthogonal_map: str = "expm"
     stem: str = "lift"
@@ -188,7 +190,8 @@ def _lipschitz_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequent
         w = OrthogonalConv(channels, size, k_e, orthogonal_map=cfg.orthogonal_map)
         a = OrthogonalConv(channels, size, cfg.kernel_size, orthogonal_map=cfg.orthogonal_map)
         expansive, contractive = ExpansiveStep(w, None), ContractiveStep(a, None)
-        sizes = LearnedStepSizes(cfg.h_c_range, cfg.expansive_share, cfg.pair_rule)
+        sizes = LearnedStepSizes(cfg.h_c_range, cfg.expansive_share, cfg.pair_rule,
+                                 cfg.h_c_init)
         pairs.append(ExpansiveContractivePair(expansive, contractive, sizes))
     return nn.Sequential(*pairs)
 

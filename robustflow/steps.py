@@ -208,25 +208,35 @@ def check_pair_rule(h_e: float, h_c: float, rule: str = "paper") -> None:
         )
 
 
+def _range_fraction(h_c: float, lo: float, hi: float) -> float:
+    """``(h_C − lo) / (hi − lo)``, for an ``h_C`` strictly inside ``(lo, hi)``."""
+    if not lo < h_c < hi:
+        raise ValueError(f"h_c_init must lie strictly inside h_c_range = [{lo:g}, {hi:g}], got {h_c}")
+    return (h_c - lo) / (hi - lo)
+
+
 class LearnedStepSizes(nn.Module):
     """Learnable ``(h_E, h_C)`` that satisfy the pair rule after every optimiser step.
 
     ``h_C = lo + (hi − lo) s(a)`` in ``[lo, hi] ⊂ (0, 1)`` (``(0, 2)`` under the exact rule) and
     ``h_E = s(b) h_E,max(h_C)`` with the logistic ``s``: ``h_E,max = 1 / sqrt(1 − h_C + h_C²) − 1``
     (``rule="paper"``) or ``1 / max(|1 − h_C|, 1 − h_C/2) − 1`` (``rule="exact"``), so the rule
-    holds by construction.
+    holds by construction. ``h_C`` starts at ``h_c_init`` (default: the middle of the range),
+    ``h_E`` at ``expansive_share · h_E,max(h_C)``.
     """
 
     def __init__(self, h_c_range: tuple[float, float] = (0.15, 0.5), expansive_share: float = 0.5,
-                 rule: str = "paper"):
+                 rule: str = "paper", h_c_init: float | None = None):
         super().__init__()
         self.rule = _check_rule(rule)
         if not 0.0 < expansive_share < 1.0:
             raise ValueError(f"expansive_share must lie in (0, 1), got {expansive_share}")
         self.register_buffer("h_c_range", torch.tensor([float(v) for v in h_c_range]))
-        self.raw_h_c = nn.Parameter(torch.zeros(()))
-        self.raw_share = nn.Parameter(torch.logit(torch.tensor(expansive_share)))
         self.check()
+        lo, hi = (float(v) for v in h_c_range)
+        start = 0.5 if h_c_init is None else _range_fraction(h_c_init, lo, hi)
+        self.raw_h_c = nn.Parameter(torch.logit(torch.tensor(start, dtype=torch.float64)).float())
+        self.raw_share = nn.Parameter(torch.logit(torch.tensor(expansive_share)))
 
     def check(self) -> None:
         """``ValueError`` unless the saved range keeps ``h_C`` where the rule holds: the range is a
