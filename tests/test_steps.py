@@ -250,15 +250,15 @@ def test_exact_rule_admits_contractive_steps_up_to_two(h_c: float) -> None:
 def test_learned_step_sizes_start_where_asked() -> None:
     """``h_c_init`` sets the starting ``h_C`` (the range's middle without it); the starting
     ``h_E`` is ``expansive_share`` of the largest the rule allows there."""
-    middle_e, middle_c = (float(v) for v in LearnedStepSizes((0.15, 1.9), 0.5, "exact")())
+    middle_e, middle_c = (float(v.detach()) for v in LearnedStepSizes((0.15, 1.9), 0.5, "exact")())
     assert middle_c == pytest.approx(1.025, abs=1e-6)
     sizes = LearnedStepSizes((0.15, 1.9), 0.5, "exact", h_c_init=4 / 3)
-    h_e, h_c = (float(v) for v in sizes())
+    h_e, h_c = (float(v.detach()) for v in sizes())
     assert h_c == pytest.approx(4 / 3, abs=1e-5)
     assert h_e == pytest.approx(0.5 * float(max_expansive_step(torch.tensor(h_c), "exact")), rel=1e-5)
     assert h_e != pytest.approx(middle_e, rel=1e-2)
     model = build_model(preset("micro", pair_rule="exact", h_c_range=(0.15, 1.9), h_c_init=0.5))
-    starts = [float(m()[1]) for m in model.modules() if isinstance(m, LearnedStepSizes)]
+    starts = [float(m()[1].detach()) for m in model.modules() if isinstance(m, LearnedStepSizes)]
     assert starts and all(v == pytest.approx(0.5, abs=1e-5) for v in starts)
     with pytest.raises(ValueError, match="h_c_init must lie strictly inside"):
         LearnedStepSizes((0.15, 1.9), 0.5, "exact", h_c_init=1.9)
