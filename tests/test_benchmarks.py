@@ -132,6 +132,15 @@ def test_run_all_publishes_only_full_runs(argv: list[str], out_dir: str, models_
             assert got == want
 
 
+def test_run_all_shows_the_data_folder_as_a_variable() -> None:
+    from benchmarks import run_all
+
+    assert run_all.published_command(["--data-root", "/srv/x y", "--only", "1"]) == \
+        "python benchmarks/run_all.py --data-root $DATA --only 1"
+    assert run_all.published_command(["--data-root=/srv/c", "--out-dir", "a b"]) == \
+        "python benchmarks/run_all.py --data-root=$DATA --out-dir 'a b'"
+
+
 def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
     from benchmarks import run_all
 
@@ -165,7 +174,10 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
             assert counts["both"] + counts["own_only"] == round(row["own_certified_accuracy"][eps] * 30)
             assert counts["both"] + counts["robustflow_only"] == round(row["certified_accuracy"][eps] * 30)
     for row in saved["sections"]["4"]["models"].values():  # a proven radius never exceeds an attack
-        assert row["ratios"]["robustflow certify"].get("above_distance", 0) == 0
+        for key in ("robustflow certify", "robustflow certify, float64"):
+            assert row["ratios"][key].get("above_distance", 0) == 0
+    for section in saved["sections"].values():  # no path of this machine in the report
+        assert section["command"].count("$DATA") == 1 and str(root) not in text
     assert {r["model"] for r in saved["sections"]["5"]["rows"]} == {"robustflow", *PEERS}
 
     again = run_all.main(["--data-root", str(root), "--only", "3", "--cost-n", "20",
