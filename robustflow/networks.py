@@ -157,15 +157,21 @@ PRESETS: dict[str, NetworkConfig] = {
     "micro": NetworkConfig(channels=(4, 8), steps_per_stage=2),
     # the first default (the bundled models): 16/32/64 channels, one pair per stage on 32/16/8 grids
     "small": NetworkConfig(channels=(16, 32, 64), steps_per_stage=2),
-    # the default, chosen for certified accuracy per second of CPU training (900 s probes in
-    # docs/results/probes.jsonl): space-to-depth first, so two pairs per stage on 16/8/4 grids
-    # cost less than one pair on 32/16/8; Cayley-parametrised orthogonal weights (an LU solve
-    # instead of a matrix exponential); an orthogonal 1×1 mix as the expansive step's W (a pair
-    # costs two 3×3 convolutions); and the exact pair rule with h_C up to 1.9, whose larger
-    # contractive steps lifted certified accuracy at 36/255 from 35.8% to 39.6% (probes W_e1, X_ex19)
+    # certified accuracy per second of CPU training (900 s probes in docs/results/probes.jsonl):
+    # space-to-depth first, so two pairs per stage on 16/8/4 grids cost less than one pair on
+    # 32/16/8; Cayley-parametrised orthogonal weights (an LU solve instead of a matrix
+    # exponential); an orthogonal 1×1 mix as the expansive step's W (a pair costs two 3×3
+    # convolutions); and the exact pair rule with h_C up to 1.9, whose larger contractive steps
+    # lifted certified accuracy at 36/255 from 35.8% to 39.6% (probes W_e1, X_ex19)
     "fast": NetworkConfig(channels=(16, 32, 64), steps_per_stage=4, stem="unshuffle",
                           orthogonal_map="cayley", expansive_kernel_size=1, pair_rule="exact",
                           h_c_range=(0.15, 1.9)),
+    # the default: fast's layout traded from depth to width, one pair per stage at 24/48/96
+    # channels (113k parameters); it trains more images per second than fast and certified
+    # 1.5-2.1 points more at 36/255 in 900 s probes (P_shallow_wide rows of probes.jsonl)
+    "shallow": NetworkConfig(channels=(24, 48, 96), steps_per_stage=2, stem="unshuffle",
+                             orthogonal_map="cayley", expansive_kernel_size=1, pair_rule="exact",
+                             h_c_range=(0.15, 1.9)),
     # fast's layout at twice the width (285k parameters): for runs of hours, where capacity
     # rather than images per second limits certified accuracy (the bundled model)
     "wide": NetworkConfig(channels=(32, 64, 128), steps_per_stage=4, stem="unshuffle",

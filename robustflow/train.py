@@ -31,7 +31,7 @@ from robustflow.networks import ImageClassifier, NetworkConfig, build_model, pre
 class TrainConfig:
     """Options of ``robustflow train`` (saved in the checkpoint record)."""
 
-    preset: str = "fast"
+    preset: str = "shallow"
     kind: str = "lipschitz"
     epochs: int = 10
     batch_size: int = 128
