@@ -122,6 +122,30 @@ def test_certify(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> N
     assert predictions == [int(r["prediction"]) for r in rows]
 
 
+def test_certify_in_float64_keeps_the_decisions_and_tightens_the_radii(
+        checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> None:
+    """float32 certificates lower each radius by the proven float32 rounding bound and take
+    float64's decision at each ε; certifying in float64 gives the same accuracies and radii
+    at least as large (both are sound lower bounds of the exact-arithmetic radius)."""
+    reports = {}
+    for precision in ("float32", "float64"):
+        path = tmp_path / f"{precision}.json"
+        code, stdout, _ = run(["certify", "--checkpoint", checkpoint, "--data-root", data_root,
+                               "--limit", "60", "--eps", "0.01,36/255", "--json", path,
+                               "--precision", precision, "--no-progress", "--device", "cpu"],
+                              capsys)
+        assert code == 0 and f"arithmetic: {precision}" in stdout
+        reports[precision] = json.loads(path.read_text())
+    r32, r64 = (np.array(reports[p]["radii"]) for p in ("float32", "float64"))
+    assert reports["float32"]["certified_accuracy"] == reports["float64"]["certified_accuracy"]
+    assert (r32 <= r64 + 1e-9).all() and r64.sum() > r32.sum()
+    assert reports["float64"]["arithmetic"]["logit_error_bound"]["const"] < \
+        1e-6 * reports["float32"]["arithmetic"]["logit_error_bound"]["const"]
+    code, _, err = run(["certify", "--checkpoint", checkpoint, "--data-root", data_root,
+                        "--precision", "float16"], capsys)
+    assert code == 2 and "invalid choice: 'float16'" in err
+
+
 def test_attack(checkpoint: Path, data_root: Path, tmp_path: Path, capsys) -> None:
     report, adv = tmp_path / "attack.json", tmp_path / "adv.npz"
     code, stdout, _ = run(["attack", "--checkpoint", checkpoint, "--data-root", data_root,
