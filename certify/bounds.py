@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .rounding import Affine, Tracked, exact_arithmetic, gamma
+from .rounding import Affine, Measured, Tracked, exact_arithmetic, gamma
 from .spectral import (
     SAFETY,
     circular_conv_singular_values,
@@ -61,6 +61,10 @@ class Registration:
     order) or ``"component"`` (only ever bounded as part of an enclosing layer's rule).
     ``freeze(module)`` returns an equivalent module whose input-independent values (assembled
     kernels, step sizes) are plain tensors, so the same function can be evaluated in float64.
+    ``measured`` says that ``rounding`` also runs on :class:`~certify.rounding.Measured` values:
+    it then computes the forward itself, operation by operation, and certificates bound its
+    rounding from the norms the pass produced (certify checks that it computes the very outputs
+    of the module's forward).
     """
 
     kind: str
@@ -68,6 +72,7 @@ class Registration:
     rule: Rule | None = None
     rounding: Rounding | None = None
     freeze: Callable[[nn.Module], nn.Module] | None = None
+    measured: bool = False
 
 
 _REGISTRY: dict[type, Registration] = {}
@@ -75,19 +80,25 @@ _REGISTRY: dict[type, Registration] = {}
 
 def register(cls: type[nn.Module], rule: Rule, *, rounding: Rounding | None = None,
              freeze: Callable[[nn.Module], nn.Module] | None = None,
-             name: str | None = None) -> None:
+             name: str | None = None, measured: bool = False) -> None:
     """Declare that every module of exact type ``cls`` is bounded by ``rule(module, io)``.
 
     ``io`` is ``(input shapes, output shapes)`` from one recording forward pass. ``rounding``
     (optional) bounds the rounding error of the module's forward so that certificates can account
     for it (:mod:`certify.rounding`); without it the module can be bounded but not certified.
+    ``measured=True`` declares that ``rounding`` passes each operation's function, constant and
+    scalar to the tracked value, so that it also computes the forward on
+    :class:`~certify.rounding.Measured` values (a per-sample, a-posteriori bound).
     Registering is a statement of trust: subclasses are not covered and must be registered
     themselves. The report names the rule (``name``, by default the rule's qualified name).
     """
     _check_class(cls)
     if not callable(rule):
         raise TypeError(f"rule for {cls.__name__} must be callable, got {rule!r}")
-    _REGISTRY[cls] = Registration("layer", name or _qualified(rule), rule, rounding, freeze)
+    if measured and rounding is None:
+        raise TypeError(f"measured=True for {cls.__name__} needs a rounding rule")
+    _REGISTRY[cls] = Registration("layer", name or _qualified(rule), rule, rounding, freeze,
+                                  measured)
 
 
 def register_sequential(cls: type[nn.Sequential]) -> None:
@@ -298,6 +309,44 @@ def local_rounding(parts: list[Part], io_model: nn.Module, input_shape: tuple[in
         tracked = reg.rounding(part.module, io.get(part.module, ([], [])), Tracked.input(dtype))
         errors.append(tracked.error)
     return errors
+
+
+def _measured_rule(rounding: Rounding, module: nn.Module, shapes: IO
+                  ) -> Callable[[torch.Tensor], Measured]:
+    def run(inputs: torch.Tensor) -> Measured:
+        return rounding(module, shapes, Measured.input(inputs))
+    return run
+
+
+def measured_rules(model: nn.Module, input_shape: tuple[int, ...]
+                   ) -> dict[str, Callable[[torch.Tensor], Measured]]:
+    """For every leaf registered with ``measured=True`` (by path): a function that runs its
+    rounding rule on :class:`~certify.rounding.Measured` values, computing the leaf's output and a
+    per-sample bound on its own rounding error.
+
+    Each rule is first run on a random batch beside the leaf's forward and must give the very same
+    numbers; a rule that computes anything else is refused with :class:`NotCertifiable`.
+    """
+    io = _record_io(model, input_shape)
+    reference = next((t for t in chain(model.parameters(), model.buffers())
+                      if t.is_floating_point()), None)
+    device, dtype = (reference.device, reference.dtype) if reference is not None else ("cpu", None)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, *input_shape, generator=generator, dtype=torch.float64).to(device, dtype)
+    rules: dict[str, Callable[[torch.Tensor], Measured]] = {}
+    with torch.no_grad(), exact_arithmetic():
+        for path, module in leaves(model):
+            reg = registration(module)
+            y = module(x)
+            if reg is not None and reg.measured:
+                run = _measured_rule(reg.rounding, module, io.get(module, ([], [])))
+                out = run(x).value
+                if out.shape != y.shape or not torch.equal(out, y):
+                    raise NotCertifiable(path, module, "its measured rounding rule computes other "
+                                         "outputs than its forward; fix the rule")
+                rules[path] = run
+            x = y
+    return rules
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:

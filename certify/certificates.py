@@ -22,8 +22,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .bounds import analyse, freeze, leaves, local_rounding, product, split_head
-from .rounding import SUPPORTED_DTYPES, Affine, compose_errors, exact_arithmetic, gamma, unit_roundoff
+from .bounds import analyse, freeze, leaves, local_rounding, measured_rules, product, split_head
+from .rounding import (
+    SUPPORTED_DTYPES,
+    Affine,
+    compose_errors,
+    exact_arithmetic,
+    norm_bound,
+)
 from .spectral import SAFETY
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -142,16 +148,6 @@ class CertificationReport:
                 writer.writerow([index, int(label), int(prediction), float(margin), float(radius)])
 
 
-def _norm_bound(x: Tensor) -> Tensor:
-    """An upper bound on ``‖x_i‖₂`` per sample, computed in ``x``'s own precision: a sum of ``n``
-    squares is within ``γ_n`` of its value (all terms positive), the square root within ``u``."""
-    flat = x.detach().flatten(1)
-    u = unit_roundoff(x.dtype)
-    factor = 1.0 + 2.0 * gamma(flat.shape[1] + 2, u)
-    tiny = math.sqrt(flat.shape[1] * torch.finfo(x.dtype).tiny)
-    return torch.linalg.vector_norm(flat, dim=1).double() * factor + tiny
-
-
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The one floating dtype of ``model``'s parameters and buffers; ``ValueError`` if it has
     several, or one whose arithmetic certify has no rounding bound for (float16, bfloat16)."""
@@ -205,10 +201,13 @@ class Certifier:
             self.distances = head_distances(split[1].weight)
         self.parts = [{"path": p.path, "type": type(p.module).__name__, "rule": p.rule,
                        "bound": p.bound} for p in parts]
-        self._leaves = [module for _, module in leaves(self.model)]
-        self._leaves64 = [module for _, module in leaves(self._model64)]
+        self._leaves = leaves(self.model)
+        self._leaves64 = leaves(self._model64)
         self._local = {dtype: local_rounding(parts, self.model, self.input_shape, dtype)
                        for dtype in {self.dtype, torch.float64}}
+        # parts registered ``measured`` bound their rounding from the norms the pass produced;
+        # the float64 re-check keeps the a-priori bound, already negligible there
+        self._measured = {self.dtype: measured_rules(self.model, self.input_shape)}
         # Π_{j>k} L_j: how far part k's own rounding error can travel to the logits
         self._suffix = [product(p.bound for p in parts[k + 1:]) for k in range(len(parts))]
         #: a-priori bound ``E(‖x‖)`` on the L2 error of the computed logits, per precision
@@ -266,15 +265,23 @@ class Certifier:
 
     def _forward(self, x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """The logits computed in ``dtype`` (the model's own by default), part by part, and the
-        bound ``√2 Σ_k Π_{j>k} L_j e_k(‖x̃_{k−1}‖)`` on how far rounding moved any difference of
-        two logits, from the norms of the computed activations."""
+        bound ``√2 Σ_k Π_{j>k} L_j e_k`` on how far rounding moved any difference of two logits.
+
+        ``e_k`` is part ``k``'s own rounding error at its computed input ``x̃_{k−1}``: measured
+        operation by operation for parts registered ``measured``, else ``e_k(‖x̃_{k−1}‖)``."""
         dtype = self.dtype if dtype is None else dtype
         parts = self._leaves if dtype == self.dtype else self._leaves64
+        measured = self._measured.get(dtype, {})
         error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         x = x.to(dtype)
-        for leaf, local, suffix in zip(parts, self._local[dtype], self._suffix, strict=True):
-            error += suffix * (local.const + local.slope * _norm_bound(x))
-            x = leaf(x)
+        for (path, leaf), local, suffix in zip(parts, self._local[dtype], self._suffix, strict=True):
+            if path in measured:
+                step = measured[path](x)
+                error += suffix * step.error
+                x = step.value
+            else:
+                error += suffix * (local.const + local.slope * norm_bound(x))
+                x = leaf(x)
         return x, _SQRT2 * error * (1 + 1e-12)
 
     def __call__(self, x: Tensor, y: Tensor, epsilons: Sequence[float] = ()) -> CertificateBatch:

@@ -17,8 +17,12 @@ A network's error then follows from the composition rule: if part ``k`` is ``L_k
 
     ‖x̃_k − x_k‖ ≤ L_k ‖x̃_{k−1} − x_{k−1}‖ + e_k(‖x̃_{k−1}‖),   ‖x_k‖ ≤ L_k ‖x_{k−1}‖ + c_k.
 
-Every bound here is an :class:`Affine` function ``a + b r`` of the input norm ``r = ‖x‖``, so a
-whole network's error bound is two numbers, computed once, and ``a + b ‖x‖`` per sample.
+:class:`Tracked` bounds are :class:`Affine` functions ``a + b r`` of the input norm ``r = ‖x‖``,
+so a whole network's a-priori error bound is two numbers, computed once, and ``a + b ‖x‖`` per
+sample. The same rounding rules also run on :class:`Measured` values, which compute the forward
+operation by operation and measure the input norm of every inner product on the batch itself:
+inside a residual step the values the pass produces are far smaller than what the input norm
+allows (a bias, a step size of 2), so the per-sample bound is about half as large.
 
 The bound holds only for the arithmetic it was derived for: IEEE float32 or float64 with no
 TF32, float16 or bfloat16 anywhere, and convolutions computed as inner products (direct or
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +98,8 @@ class Tracked:
     """A value computed in floating point, as bounds affine in the input norm ``r``.
 
     ``value`` bounds ``‖v‖`` of the exact value, ``error`` bounds ``‖ṽ − v‖`` of the computed one.
-    The methods follow the operations of a forward pass and return the bounds of their result.
+    The methods follow the operations of a forward pass and return the bounds of their result;
+    the functions, constants and scalars they are given are for :class:`Measured`.
     """
 
     value: Affine
@@ -114,28 +119,36 @@ class Tracked:
         """Bound on the norm of the computed value: ``‖v‖ + ‖ṽ − v‖``."""
         return self.value + self.error
 
-    def linear(self, norm: float, abs_norm: float, terms: int, size: int) -> Tracked:
+    def linear(self, norm: float, abs_norm: float, terms: int, size: int,
+               apply: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Tracked:
         """``A v`` with ``‖A‖ ≤ norm``, ``‖|A|‖ ≤ abs_norm``, ``terms`` products per output,
-        ``size`` outputs."""
+        ``size`` outputs (``apply`` computes it: only :class:`Measured` uses it)."""
         local = self._computed().scale(gamma(terms, self.u) * abs_norm)
         local = local.plus(terms * self.tiny * math.sqrt(size))
         return self._with(self.value.scale(norm), self.error.scale(norm) + local)
 
-    def add(self, other: Tracked | float) -> Tracked:
-        """``v + w`` for another tracked value, or a constant of norm ``other`` (exact data)."""
+    def add(self, other: Tracked | float, subtract: bool = False) -> Tracked:
+        """``v + w`` (or ``v − w``) for another tracked value, or a constant of norm ``other``
+        (exact data)."""
         if isinstance(other, Tracked):
             value, error = self.value + other.value, self.error + other.error
         else:
             value, error = self.value.plus(other), self.error
         return self._with(value, error + (value + error).scale(self.u))
 
-    def scale(self, factor: float, size: int) -> Tracked:
+    def add_constant(self, constant: torch.Tensor, norm: float) -> Tracked:
+        """``v + c`` for exact data ``c`` (a bias) whose broadcast norm is at most ``norm``."""
+        return self.add(norm)
+
+    def scale(self, factor: float | torch.Tensor, size: int) -> Tracked:
         """``h v`` for a scalar ``h`` with ``|h| ≤ factor`` (``size`` entries)."""
+        factor = abs(float(factor))
         local = self._computed().scale(self.u * factor).plus(self.tiny * math.sqrt(size))
         return self._with(self.value.scale(factor), self.error.scale(factor) + local)
 
     def elementwise(self, lipschitz: float, relative: float, size: int,
-                    value_bound: Affine | None = None) -> Tracked:
+                    value_bound: Affine | None = None,
+                    apply: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Tracked:
         """``φ(v)`` entry by entry: ``φ`` is ``lipschitz``-Lipschitz with ``|φ(t)| ≤ lipschitz |t|``
         (unless ``value_bound`` says otherwise) and computed to ``relative`` accuracy of its
         output (0 for exact operations such as max, ReLU or multiplying by 1/2)."""
@@ -144,6 +157,112 @@ class Tracked:
         local = computed_out.scale(relative).plus(self.tiny * math.sqrt(size))
         return self._with(value, self.error.scale(lipschitz) + local)
 
+
+
+def norm_bound(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound on ``‖x_i‖₂`` per sample (float64), computed in ``x``'s own precision: a sum
+    of ``n`` squares is within ``γ_n`` of its value (all terms positive), the square root within
+    ``u``."""
+    n = math.prod(x.shape[1:])
+    u = unit_roundoff(x.dtype)
+    factor = 1.0 + 2.0 * gamma(n + 2, u)
+    tiny = math.sqrt(n * torch.finfo(x.dtype).tiny)
+    dims = tuple(range(1, x.dim()))  # no flatten: it would copy a non-contiguous batch
+    norms = torch.linalg.vector_norm(x.detach(), dim=dims) if dims else x.detach().abs()
+    return norms.double() * factor + tiny
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A forward pass computed step by step, with a per-sample bound on its rounding error.
+
+    The a-posteriori twin of :class:`Tracked`: the same methods, called by the same rounding
+    rules, but each one computes its operation (``apply``, the constant, the scalar) on the batch.
+    The input norm of every inner product is measured on the values the pass produced, where
+    :class:`Tracked` can only bound it from the part's input norm; the other operations carry an
+    upper bound ``norm`` of the computed value's norm forward. ``value`` is the computed batch,
+    ``error`` (float64, one entry per sample) bounds ``‖ṽ − v‖`` against the exact function of the
+    part at the part's computed input. A correctly rounded operation is within ``u |s|`` of its
+    exact result ``s``, an inner product of ``n`` terms within ``γ_n |w|ᵀ|x̃|`` (plus ``η₀`` per
+    term for underflow).
+    """
+
+    value: torch.Tensor
+    error: torch.Tensor
+    norm: torch.Tensor
+    u: float
+    tiny: float
+
+    @classmethod
+    def input(cls, x: torch.Tensor) -> Measured:
+        """The part's computed input itself: no error of its own."""
+        error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        return cls(x, error, norm_bound(x), unit_roundoff(x.dtype), underflow(x.dtype))
+
+    def _with(self, value: torch.Tensor, error: torch.Tensor, norm: torch.Tensor) -> Measured:
+        return Measured(value, error, norm, self.u, self.tiny)
+
+    @staticmethod
+    def _size(value: torch.Tensor) -> int:
+        return value[0].numel() if value.shape[0] else 0
+
+    def linear(self, norm: float, abs_norm: float, terms: int, size: int,
+               apply: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Measured:
+        """``A ṽ = apply(ṽ)``: ``‖A‖ ≤ norm``, ``‖|A|‖ ≤ abs_norm``, ``terms`` products per output;
+        the norm of ``ṽ`` is measured."""
+        if apply is None:
+            raise ValueError("a measured linear operation needs the function that computes it")
+        out = apply(self.value)
+        measured = torch.minimum(norm_bound(self.value), self.norm)
+        local = measured * (gamma(terms, self.u) * abs_norm) + \
+            terms * self.tiny * math.sqrt(self._size(out))
+        return self._with(out, self.error * norm + local, measured * norm + local)
+
+    def _rounded(self, value: torch.Tensor, exact_norm: torch.Tensor, local: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(value, rounding, norm)`` of one correctly rounded operation per entry whose exact
+        result on the computed operands has norm at most ``exact_norm``: ``u`` times that, plus
+        ``local`` (underflow), and a bound on the computed result's norm."""
+        rounding = exact_norm * self.u + local
+        return value, rounding, exact_norm + rounding
+
+    def add(self, other: Measured | float, subtract: bool = False) -> Measured:
+        """``ṽ + w̃`` (or ``ṽ − w̃``) for another measured value of the same pass."""
+        if not isinstance(other, Measured):
+            raise ValueError("a measured sum needs the other value, not its norm: use add_constant")
+        out = self.value - other.value if subtract else self.value + other.value
+        out, rounding, norm = self._rounded(out, self.norm + other.norm)
+        return self._with(out, self.error + other.error + rounding, norm)
+
+    def add_constant(self, constant: torch.Tensor, norm: float) -> Measured:
+        """``ṽ + c`` for exact data ``c`` (a bias, broadcast as the forward does) of norm at most
+        ``norm``."""
+        out, rounding, bound = self._rounded(self.value + constant, self.norm + norm)
+        return self._with(out, self.error + rounding, bound)
+
+    def scale(self, factor: float | torch.Tensor, size: int) -> Measured:
+        """``h ṽ`` for the scalar ``h`` the forward multiplies by (a tensor or a float)."""
+        h = abs(float(factor))
+        out, rounding, norm = self._rounded(factor * self.value, self.norm * h,
+                                            self.tiny * math.sqrt(self._size(self.value)))
+        return self._with(out, self.error * h + rounding, norm)
+
+    def elementwise(self, lipschitz: float, relative: float, size: int,
+                    value_bound: Affine | None = None,
+                    apply: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Measured:
+        """``φ(ṽ) = apply(ṽ)`` entry by entry, ``φ`` ``lipschitz``-Lipschitz, ``|φ(t)| ≤
+        lipschitz |t|`` and computed to ``relative`` accuracy of its output (a ``value_bound``
+        replacing the latter is measured instead)."""
+        if apply is None:
+            raise ValueError("a measured entry-wise operation needs the function that computes it")
+        if not 0 <= relative < 1:
+            raise ValueError(f"relative accuracy must be in [0, 1), got {relative}")
+        out = apply(self.value)
+        underflow = self.tiny * math.sqrt(self._size(out))
+        exact = (norm_bound(out) + underflow) / (1.0 - relative) if value_bound is not None \
+            else self.norm * lipschitz
+        local = exact * relative + underflow
+        return self._with(out, self.error * lipschitz + local, exact + local)
 
 def compose_errors(parts: list[tuple[float, float, Affine]]) -> tuple[Affine, Affine]:
     """``(value, error)`` bounds of a composition from each part's ``(L, ‖f(0)‖ bound, e)``,

@@ -12,14 +12,15 @@ not covered: certify refuses them until they are registered themselves.
 from __future__ import annotations
 
 import math
+import weakref
 
-from torch import nn
+from torch import Tensor, nn
 
 from certify import register, register_component, register_sequential
 from certify.bounds import IO, conv_abs_norm
 from certify.rounding import Tracked
 from certify.spectral import SAFETY, matrix_singular_values
-from robustflow.activations import Sigma
+from robustflow.activations import Sigma, sigma
 from robustflow.layers import Centering, NormalizedLinear
 from robustflow.networks import (
     EulerMLP,
@@ -53,16 +54,39 @@ def _export(module: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------ operators
 
 
+#: ``(‖A‖, ‖|A|‖)`` per operator, with the state of the tensors they were computed from: a
+#: measured forward applies every operator to each batch, and recomputing them (SVDs) each time
+#: would cost more than the pass itself.
+_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state(op: LinearOperator) -> tuple:
+    """Identity, version and layout of every tensor of ``op``: any change to them changes this."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+                 for t in (*op.parameters(), *op.buffers()))
+
+
+def _norms(op: LinearOperator) -> tuple[float, float]:
+    state = _state(op)
+    cached = _NORMS.get(op)
+    if cached is None or cached[0] != state:
+        if isinstance(op, ConvOperator):
+            abs_norm = conv_abs_norm(op.kernel())
+        else:
+            abs_norm = float(matrix_singular_values(op.weight.detach().abs())[0]) * (1 + SAFETY)
+        cached = (state, op.singular_value_range()[1], abs_norm)
+        _NORMS[op] = cached
+    return cached[1], cached[2]
+
+
 def _operator_bound(op: LinearOperator, io: IO) -> float:
     """``σ_max`` of the operator, exact (SVD, or the DFT of a circular convolution)."""
-    return op.singular_value_range()[1]
+    return _norms(op)[0]
 
 
 def _abs_norm(op: LinearOperator) -> float:
     """``‖|A|‖₂``, which the rounding error of ``A x`` and ``Aᵀ y`` is measured by."""
-    if isinstance(op, ConvOperator):
-        return conv_abs_norm(op.kernel())
-    return float(matrix_singular_values(op.weight.detach().abs())[0]) * (1 + SAFETY)
+    return _norms(op)[1]
 
 
 def _terms(op: LinearOperator) -> tuple[int, int]:
@@ -77,7 +101,7 @@ def _apply(op: LinearOperator, x: Tracked, adjoint: bool = False) -> Tracked:
     forward, backward = _terms(op)
     size = _size(op.in_shape if adjoint else op.out_shape)
     return x.linear(_operator_bound(op, ([], [])), _abs_norm(op), backward if adjoint else forward,
-                    size)
+                    size, apply=op.adjoint if adjoint else op)
 
 
 def _operator_rounding(op: LinearOperator, io: IO, x: Tracked) -> Tracked:
@@ -92,23 +116,29 @@ def _bias_norm(bias: nn.Parameter, shape: tuple[int, ...]) -> float:
     return float(bias.detach().double().norm()) * math.sqrt(_size(shape) / bias.numel())
 
 
-def _expansive(step: ExpansiveStep, x: Tracked, h: float) -> Tracked:
+def _bias(step: ExpansiveStep | ContractiveStep | GradientStep | EulerStep, x: Tracked,
+          shape: tuple[int, ...]) -> Tracked:
+    """``z + b``: one sum per entry, ``b`` exact data."""
+    return x.add_constant(step.bias, _bias_norm(step.bias, shape))
+
+
+def _sigma(x: Tracked, shape: tuple[int, ...]) -> Tracked:
+    """``Σ(z) = max{z, z/2}``: exact (a halving and a maximum), 1-Lipschitz."""
+    return x.elementwise(1.0, 0.0, _size(shape), apply=sigma)
+
+
+def _expansive(step: ExpansiveStep, x: Tracked, h: Tensor | float) -> Tracked:
     """``x + h Σ(W x + v)``: a product, a sum, Σ (exact: max and ×1/2), a product, a sum."""
     shape = step.W.out_shape
-    inner = _apply(step.W, x).add(_bias_norm(step.bias, shape))
-    return x.add(inner.elementwise(1.0, 0.0, _size(shape)).scale(abs(h), _size(shape)))
+    inner = _sigma(_bias(step, _apply(step.W, x), shape), shape)
+    return x.add(inner.scale(h, _size(shape)))
 
 
-def _contractive(step: ContractiveStep | GradientStep, x: Tracked, h: float) -> Tracked:
+def _contractive(step: ContractiveStep | GradientStep, x: Tracked, h: Tensor | float) -> Tracked:
     """``x − h Aᵀ Σ(A x + b)``."""
-    inner = _apply(step.A, x).add(_bias_norm(step.bias, step.A.out_shape))
-    inner = _apply(step.A, inner.elementwise(1.0, 0.0, _size(step.A.out_shape)), adjoint=True)
-    return x.add(inner.scale(abs(h), _size(step.A.in_shape)))
-
-
-def _step_sizes(pair: ExpansiveContractivePair) -> tuple[float, float]:
-    h_e, h_c = (float(v.detach()) for v in pair.step_sizes())
-    return h_e, h_c
+    inner = _sigma(_bias(step, _apply(step.A, x), step.A.out_shape), step.A.out_shape)
+    inner = _apply(step.A, inner, adjoint=True)
+    return x.add(inner.scale(h, _size(step.A.in_shape)), subtract=True)
 
 
 def _pair_bound(pair: ExpansiveContractivePair, io: IO) -> float:
@@ -116,7 +146,7 @@ def _pair_bound(pair: ExpansiveContractivePair, io: IO) -> float:
 
 
 def _pair_rounding(pair: ExpansiveContractivePair, io: IO, x: Tracked) -> Tracked:
-    h_e, h_c = _step_sizes(pair)
+    h_e, h_c = (h.detach() for h in pair.step_sizes())  # the very step sizes of the forward
     return _contractive(pair.contractive, _expansive(pair.expansive, x, h_e), h_c)
 
 
@@ -125,7 +155,7 @@ def _expansive_bound(step: ExpansiveStep, io: IO) -> float:
 
 
 def _expansive_rounding(step: ExpansiveStep, io: IO, x: Tracked) -> Tracked:
-    return _expansive(step, x, float(step.step_size))
+    return _expansive(step, x, step.step_size)
 
 
 def _contractive_bound(step: ContractiveStep, io: IO) -> float:
@@ -133,7 +163,7 @@ def _contractive_bound(step: ContractiveStep, io: IO) -> float:
 
 
 def _contractive_rounding(step: ContractiveStep, io: IO, x: Tracked) -> Tracked:
-    return _contractive(step, x, float(step.step_size))
+    return _contractive(step, x, step.step_size)
 
 
 def _gradient_bound(step: GradientStep, io: IO) -> float:
@@ -142,7 +172,7 @@ def _gradient_bound(step: GradientStep, io: IO) -> float:
 
 def _gradient_rounding(step: GradientStep, io: IO, x: Tracked) -> Tracked:
     """``x − h Aᵀ Σ(A x + b)``, as the contractive step with any ``A``."""
-    return _contractive(step, x, float(step.step_size))
+    return _contractive(step, x, step.step_size)
 
 
 def _euler_bound(step: EulerStep, io: IO) -> float:
@@ -151,9 +181,9 @@ def _euler_bound(step: EulerStep, io: IO) -> float:
 
 def _euler_rounding(step: EulerStep, io: IO, x: Tracked) -> Tracked:
     """``x + h B Σ(A x + b)``."""
-    inner = _apply(step.A, x).add(_bias_norm(step.bias, step.A.out_shape))
-    inner = _apply(step.B, inner.elementwise(1.0, 0.0, _size(step.A.out_shape)))
-    return x.add(inner.scale(abs(float(step.step_size)), _size(step.B.out_shape)))
+    inner = _sigma(_bias(step, _apply(step.A, x), step.A.out_shape), step.A.out_shape)
+    inner = _apply(step.B, inner)
+    return x.add(inner.scale(step.step_size, _size(step.B.out_shape)))
 
 
 # ------------------------------------------------------------------------------- layers
@@ -185,7 +215,7 @@ def _normalized_linear_rounding(layer: NormalizedLinear, io: IO, x: Tracked) -> 
 
 def _sigma_rounding(layer: Sigma, io: IO, x: Tracked) -> Tracked:
     """``max{x, x/2}``: a halving (exact) and a maximum (exact)."""
-    return x.elementwise(1.0, 0.0, max((_size(s[1:]) for s in io[1]), default=1))
+    return x.elementwise(1.0, 0.0, max((_size(s[1:]) for s in io[1]), default=1), apply=sigma)
 
 
 def _register() -> None:
@@ -194,18 +224,20 @@ def _register() -> None:
     for cls in (LearnedStepSizes, FixedStepSizes):
         register_component(cls)
     for cls in (DenseOperator, ConvOperator, OrthogonalConv, ChannelMix):
-        register(cls, _operator_bound, rounding=_operator_rounding, freeze=_export,
+        register(cls, _operator_bound, rounding=_operator_rounding, freeze=_export, measured=True,
                  name=f"robustflow {cls.__name__}: exact σ_max (SVD / DFT of the circular kernel)")
-    register(ExpansiveContractivePair, _pair_bound, rounding=_pair_rounding, freeze=_export,
+    register(ExpansiveContractivePair, _pair_bound, rounding=_pair_rounding, freeze=_export, measured=True,
              name="robustflow ExpansiveContractivePair: (1 + |h_E|‖W‖) · max(|1 − h_C σ_max²|, "
                   "|1 − h_C σ_min²/2|)")
     register(ExpansiveStep, _expansive_bound, rounding=_expansive_rounding, freeze=_export,
+             measured=True,
              name="robustflow ExpansiveStep: 1 + |h|‖W‖")
     register(ContractiveStep, _contractive_bound, rounding=_contractive_rounding, freeze=_export,
+             measured=True,
              name="robustflow ContractiveStep: max(|1 − h σ_max²|, |1 − h σ_min²/2|)")
-    register(GradientStep, _gradient_bound, rounding=_gradient_rounding,
+    register(GradientStep, _gradient_bound, rounding=_gradient_rounding, measured=True,
              name="robustflow GradientStep: max(|1 − h σ_max²|, |1 − h σ_min²/2|)")
-    register(EulerStep, _euler_bound, rounding=_euler_rounding, freeze=_export,
+    register(EulerStep, _euler_bound, rounding=_euler_rounding, freeze=_export, measured=True,
              name="robustflow EulerStep: 1 + |h|‖A‖‖B‖")
     register(VolumePreservingStep, lambda step, io: VolumePreservingStep.lipschitz_bound(step),
              name="robustflow VolumePreservingStep: (1 + |h|‖A‖)(1 + |h|‖B‖)")
@@ -215,7 +247,8 @@ def _register() -> None:
              name="robustflow Centering: 1 / min σ")
     register(NormalizedLinear, _normalized_linear_bound, rounding=_normalized_linear_rounding,
              freeze=_export, name="robustflow NormalizedLinear: exact ‖W‖ (SVD)")
-    register(Sigma, lambda layer, io: 1.0, rounding=_sigma_rounding, name="robustflow Sigma: 1")
+    register(Sigma, lambda layer, io: 1.0, rounding=_sigma_rounding, measured=True,
+             name="robustflow Sigma: 1")
 
 
 _register()
