@@ -93,7 +93,8 @@ class CertificateBatch:
     """Per-sample certificates; ``radius`` is 0 for misclassified samples.
 
     ``rechecked`` marks the samples whose certificate was recomputed in float64 because
-    rounding could have decided it at one of the requested ε.
+    rounding could have decided it at one of the requested ε; ``error_bound`` is the proven bound
+    on the L2 error of each sample's logits in the model's own precision, measured on the pass.
     """
 
     prediction: Tensor
@@ -101,6 +102,7 @@ class CertificateBatch:
     radius: Tensor
     correct: Tensor
     rechecked: Tensor
+    error_bound: Tensor
 
 
 @dataclass
@@ -108,8 +110,10 @@ class CertificationReport:
     """Aggregate certificates; the per-sample arrays stay out of ``to_dict``/``to_json``.
 
     ``rules`` names the rule that bounded each part (path, type, rule, bound); ``arithmetic``
-    says in which precision the logits were computed, the proven rounding error bound
-    ``E(x) = const + slope ‖x‖`` of the logits, and how many samples were re-checked in float64.
+    says in which precision the logits were computed, the a-priori proven rounding error bound
+    ``E(x) = const + slope ‖x‖`` of the logits, the median and largest of the per-sample bounds
+    measured on the pass (the ones subtracted from the margins; never above ``E(x)``), and how
+    many samples were re-checked in float64.
     """
 
     model: str
@@ -296,9 +300,10 @@ class Certifier:
         y = y.to(x.device)
         with torch.inference_mode(), exact_arithmetic():
             logits, slack = self._forward(x)
+            error = slack / _SQRT2
             if self.dtype == torch.float64:
                 return self._batch(logits, y, self._radius(logits, y, slack),
-                                   torch.zeros_like(y, dtype=torch.bool))
+                                   torch.zeros_like(y, dtype=torch.bool), error)
             norms = x.detach().double().flatten(1).norm(dim=1)
             low = self._radius(logits, y, slack + 2 * self._slack(torch.float64, norms))
             high = self._radius(logits, y, -slack)
@@ -308,19 +313,20 @@ class Certifier:
                 if eps > 0:
                     unsure |= correct & (low <= eps) & (high > eps)
             if not unsure.any():
-                return self._batch(logits, y, low, unsure)
+                return self._batch(logits, y, low, unsure, error)
             exact, slack64 = self._forward(x[unsure], torch.float64)
             radius, logits = low.clone(), logits.double()
             radius[unsure] = self._radius(exact, y[unsure], slack64)
             logits[unsure] = exact
-            return self._batch(logits, y, radius, unsure)
+            return self._batch(logits, y, radius, unsure, error)
 
     @staticmethod
-    def _batch(logits: Tensor, y: Tensor, radius: Tensor, rechecked: Tensor) -> CertificateBatch:
+    def _batch(logits: Tensor, y: Tensor, radius: Tensor, rechecked: Tensor,
+               error: Tensor) -> CertificateBatch:
         prediction = logits.argmax(dim=1)
         correct = prediction == y
         return CertificateBatch(prediction, margins(logits, y), torch.where(correct, radius, 0.0),
-                                correct, rechecked)
+                                correct, rechecked, error)
 
     def certify_loader(self, loader: Iterable, epsilons: Sequence[float],
                        eps_labels: Sequence[str] | None = None, progress: bool = True,
@@ -350,7 +356,8 @@ class Certifier:
             raise ValueError("the loader gave no samples")
         y = torch.cat([b[0] for b in batches]).cpu().numpy()
         cert = {name: torch.cat([getattr(b[1], name) for b in batches]).cpu().numpy()
-                for name in ("prediction", "margin", "radius", "correct", "rechecked")}
+                for name in ("prediction", "margin", "radius", "correct", "rechecked",
+                             "error_bound")}
         error = self.error[self.dtype]
         return CertificationReport(
             model=type(self.model).__name__,
@@ -365,6 +372,9 @@ class Certifier:
             rules=self.parts,
             arithmetic={"dtype": str(self.dtype).removeprefix("torch."),
                         "logit_error_bound": {"const": error.const, "slope": error.slope},
+                        "measured_logit_error_bound": {
+                            "median": float(np.median(cert["error_bound"])),
+                            "max": float(cert["error_bound"].max())},
                         "rechecked_in_float64": int(cert["rechecked"].sum())},
             labels=y, predictions=cert["prediction"], margins=cert["margin"],
             radii=cert["radius"],

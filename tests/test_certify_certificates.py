@@ -183,6 +183,10 @@ def test_certify_loader_report(trained, tmp_path, monkeypatch) -> None:
     assert loaded == report.to_dict()
     assert [r["path"] for r in loaded["rules"]] == [f"model.{i}" for i in range(5)]
     assert loaded["rules"][0]["rule"].startswith("nn.Conv2d") and loaded["arithmetic"]["dtype"] == "float32"
+    measured, a_priori = loaded["arithmetic"]["measured_logit_error_bound"], certifier.error[torch.float32]
+    largest_input = float(x.double().flatten(1).norm(dim=1).max())
+    assert 0 < measured["median"] <= measured["max"] <= a_priori.at(largest_input)
+    assert measured["max"] == pytest.approx(float(direct.error_bound.max()), rel=1e-12)
 
     report.to_csv(tmp_path / "report.csv")
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))

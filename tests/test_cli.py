@@ -136,6 +136,8 @@ def test_certify_in_float64_keeps_the_decisions_and_tightens_the_radii(
                               capsys)
         assert code == 0 and f"arithmetic: {precision}" in stdout
         reports[precision] = json.loads(path.read_text())
+        measured = reports[precision]["arithmetic"]["measured_logit_error_bound"]
+        assert f"measured on the pass, median {measured['median']:.2g}" in stdout
     r32, r64 = (np.array(reports[p]["radii"]) for p in ("float32", "float64"))
     assert reports["float32"]["certified_accuracy"] == reports["float64"]["certified_accuracy"]
     assert (r32 <= r64 + 1e-9).all() and r64.sum() > r32.sum()
