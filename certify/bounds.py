@@ -293,22 +293,23 @@ def _leaf_bound(module: nn.Module, path: str, io: dict[nn.Module, IO]) -> float:
 
 
 def local_rounding(parts: list[Part], io_model: nn.Module, input_shape: tuple[int, ...],
-                   dtype: torch.dtype) -> list[Affine]:
-    """Each part's own rounding error in ``dtype``, as a function of its input's norm: the
-    computed ``f̃_k(y)`` is within ``e_k(‖y‖)`` of ``f_k(y)`` for every ``y``.
+                   dtype: torch.dtype) -> list[Tracked]:
+    """Each part's own rounding in ``dtype``, as a function of its input's norm: the computed
+    ``f̃_k(y)`` is within ``e_k(‖y‖)`` (``.error``) of ``f_k(y)`` for every ``y``; ``.products``
+    counts its multiply-adds per sample.
 
     Raises :class:`NotCertifiable` for a part without a rounding rule.
     """
     io = _record_io(io_model, input_shape)
-    errors = []
+    tracked = []
     for part in parts:
         reg = registration(part.module)
         if reg.rounding is None:
             raise NotCertifiable(part.path, part.module, "has no rounding rule, so a margin "
                                  "computed by it cannot be certified; register it with rounding=")
-        tracked = reg.rounding(part.module, io.get(part.module, ([], [])), Tracked.input(dtype))
-        errors.append(tracked.error)
-    return errors
+        tracked.append(reg.rounding(part.module, io.get(part.module, ([], [])),
+                                    Tracked.input(dtype)))
+    return tracked
 
 
 def _measured_rule(rounding: Rounding, module: nn.Module, shapes: IO
@@ -435,7 +436,8 @@ def _linear_rounding(module: nn.Linear, io: IO, x: Tracked) -> Tracked:
     local = x._computed().scale(gamma(terms, x.u) * abs_norm).plus(
         gamma(terms, x.u) * bias + terms * x.tiny * math.sqrt(weight.shape[0]))
     norm = linear(module, io)
-    return Tracked(x.value.scale(norm).plus(bias), x.error.scale(norm) + local, x.u, x.tiny)
+    return Tracked(x.value.scale(norm).plus(bias), x.error.scale(norm) + local, x.u, x.tiny,
+                   x.products + terms * weight.shape[0])
 
 
 def conv2d(module: nn.Conv2d, io: IO) -> float:
@@ -502,7 +504,8 @@ def _conv2d_rounding(module: nn.Conv2d, io: IO, x: Tracked) -> Tracked:
     local = x._computed().scale(g * conv_abs_norm(weight, module.groups)).plus(
         g * bias + terms * x.tiny * math.sqrt(size))
     norm = conv2d(module, io)
-    return Tracked(x.value.scale(norm).plus(bias), x.error.scale(norm) + local, x.u, x.tiny)
+    return Tracked(x.value.scale(norm).plus(bias), x.error.scale(norm) + local, x.u, x.tiny,
+                   x.products + terms * size)
 
 
 def _windows_per_pixel(kernel: tuple[int, int], stride: tuple[int, int],
@@ -591,7 +594,7 @@ def _batch_norm_rounding(module: nn.BatchNorm2d, io: IO, x: Tracked) -> Tracked:
     local = x._computed().scale(lipschitz).plus(shift_norm).scale(gamma(8, x.u)).plus(
         x.tiny * math.sqrt(size))
     return Tracked(x.value.scale(lipschitz).plus(shift_norm), x.error.scale(lipschitz) + local,
-                   x.u, x.tiny)
+                   x.u, x.tiny, x.products)
 
 
 def leaky_relu(module: nn.LeakyReLU, io: IO) -> float:

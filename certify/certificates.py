@@ -29,6 +29,7 @@ from .rounding import (
     compose_errors,
     exact_arithmetic,
     norm_bound,
+    unit_roundoff,
 )
 from .spectral import SAFETY
 
@@ -112,8 +113,8 @@ class CertificationReport:
     ``rules`` names the rule that bounded each part (path, type, rule, bound); ``arithmetic``
     says in which precision the logits were computed, the a-priori proven rounding error bound
     ``E(x) = const + slope ‖x‖`` of the logits, the median and largest of the per-sample bounds
-    measured on the pass (the ones subtracted from the margins; never above ``E(x)``), and how
-    many samples were re-checked in float64.
+    measured on the pass (the ones subtracted from the margins), the parts the pass computed in
+    float64 (:attr:`Certifier.plan`), and how many samples were re-checked in float64.
     """
 
     model: str
@@ -207,10 +208,11 @@ class Certifier:
                        "bound": p.bound} for p in parts]
         self._leaves = leaves(self.model)
         self._leaves64 = leaves(self._model64)
-        self._local = {dtype: local_rounding(parts, self.model, self.input_shape, dtype)
-                       for dtype in {self.dtype, torch.float64}}
+        tracked = {dtype: local_rounding(parts, self.model, self.input_shape, dtype)
+                   for dtype in {self.dtype, torch.float64}}
+        self._local = {dtype: [t.error for t in ts] for dtype, ts in tracked.items()}
         # parts registered ``measured`` bound their rounding from the norms the pass produced;
-        # the float64 re-check keeps the a-priori bound, already negligible there
+        # in float64 the a-priori bound is already negligible
         self._measured = {self.dtype: measured_rules(self.model, self.input_shape)}
         # Π_{j>k} L_j: how far part k's own rounding error can travel to the logits
         self._suffix = [product(p.bound for p in parts[k + 1:]) for k in range(len(parts))]
@@ -218,6 +220,47 @@ class Certifier:
         self.error = {dtype: compose_errors([(p.bound, offset, local) for p, offset, local
                                              in zip(parts, offsets, self._local[dtype], strict=True)])[1]
                       for dtype in self._local}
+        #: the precision of each part in the first pass (see :meth:`_plan`)
+        self.plan = [self.dtype] * len(parts)
+        if self.dtype != torch.float64:
+            self.plan = self._plan([t.products for t in tracked[torch.float64]])
+
+    def _plan(self, products: list[int]) -> list[torch.dtype]:
+        """Which parts the first pass computes in float64: those that carry a larger share of the
+        rounding bound than of the multiply-adds.
+
+        Measured on a fixed random batch in the model's precision, part ``k`` contributes
+        ``Π_{j>k} L_j e_k`` to the bound on the logits' error. In float64 its share all but
+        vanishes, at a few times its float32 cost; the share of decisions that must be re-checked
+        in float64 falls with the bound. Deterministic: the same model gives the same plan.
+        """
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand(8, *self.input_shape, generator=generator, dtype=torch.float64)
+        device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+        shares = self._contributions(x.to(device, self.dtype)).median(dim=1).values
+        total_error, total_products = float(shares.sum()), sum(products)
+        if total_error <= 0 or total_products <= 0:
+            return [self.dtype] * len(products)
+        return [torch.float64 if products[k] > 0
+                and float(shares[k]) / total_error > products[k] / total_products
+                else self.dtype for k in range(len(products))]
+
+    def _contributions(self, x: Tensor) -> Tensor:
+        """``Π_{j>k} L_j e_k`` of every part ``k`` (rows) for every sample (columns), in the
+        model's precision."""
+        rows = []
+        with torch.inference_mode(), exact_arithmetic():
+            measured = self._measured[self.dtype]
+            for (path, leaf), local, suffix in zip(self._leaves, self._local[self.dtype],
+                                                   self._suffix, strict=True):
+                if path in measured:
+                    step = measured[path](x)
+                    rows.append(suffix * step.error)
+                    x = step.value
+                else:
+                    rows.append(suffix * (local.const + local.slope * norm_bound(x)))
+                    x = leaf(x)
+        return torch.stack(rows)
 
     def _offsets(self, parts: list) -> list[float]:
         """``‖f_k(0)‖`` of every part, computed in float64 and widened past its rounding."""
@@ -268,24 +311,34 @@ class Certifier:
         return _SQRT2 * (error.const + error.slope * norms) * (1 + 1e-12)
 
     def _forward(self, x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """The logits computed in ``dtype`` (the model's own by default), part by part, and the
-        bound ``√2 Σ_k Π_{j>k} L_j e_k`` on how far rounding moved any difference of two logits.
+        """The logits, part by part, in ``dtype`` (by default each part in the precision of
+        :attr:`plan`), and the bound ``√2 Σ_k Π_{j>k} L_j e_k`` on how far rounding moved any
+        difference of two logits.
 
         ``e_k`` is part ``k``'s own rounding error at its computed input ``x̃_{k−1}``: measured
-        operation by operation for parts registered ``measured``, else ``e_k(‖x̃_{k−1}‖)``."""
-        dtype = self.dtype if dtype is None else dtype
-        parts = self._leaves if dtype == self.dtype else self._leaves64
-        measured = self._measured.get(dtype, {})
+        operation by operation for parts registered ``measured``, else ``e_k(‖x̃_{k−1}‖)``.
+        Rounding a float64 value to float32 before a part adds ``Π_{j≥k} L_j (u ‖x̃‖ + η₀ √n)``;
+        widening float32 to float64 is exact."""
+        plan = self.plan if dtype is None else [dtype] * len(self.plan)
         error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        x = x.to(dtype)
-        for (path, leaf), local, suffix in zip(parts, self._local[dtype], self._suffix, strict=True):
-            if path in measured:
-                step = measured[path](x)
-                error += suffix * step.error
+        for k, ((path, leaf), (_, leaf64)) in enumerate(zip(self._leaves, self._leaves64,
+                                                            strict=True)):
+            precision = plan[k]
+            if x.dtype != precision:
+                if x.dtype == torch.float64:  # rounded to the model's precision
+                    u, tiny = unit_roundoff(precision), torch.finfo(precision).tiny
+                    through = product((self.parts[k]["bound"], self._suffix[k]))
+                    error += through * (u * norm_bound(x) + tiny * math.sqrt(x[0].numel()))
+                x = x.to(precision)
+            local = self._local[precision][k]
+            measured = self._measured.get(precision, {}).get(path)
+            if measured is not None:
+                step = measured(x)
+                error += self._suffix[k] * step.error
                 x = step.value
             else:
-                error += suffix * (local.const + local.slope * norm_bound(x))
-                x = leaf(x)
+                error += self._suffix[k] * (local.const + local.slope * norm_bound(x))
+                x = (leaf if precision == self.dtype else leaf64)(x)
         return x, _SQRT2 * error * (1 + 1e-12)
 
     def __call__(self, x: Tensor, y: Tensor, epsilons: Sequence[float] = ()) -> CertificateBatch:
@@ -375,6 +428,9 @@ class Certifier:
                         "measured_logit_error_bound": {
                             "median": float(np.median(cert["error_bound"])),
                             "max": float(cert["error_bound"].max())},
+                        "float64_parts": [path for (path, _), precision in
+                                          zip(self._leaves, self.plan, strict=True)
+                                          if precision == torch.float64 != self.dtype],
                         "rechecked_in_float64": int(cert["rechecked"].sum())},
             labels=y, predictions=cert["prediction"], margins=cert["margin"],
             radii=cert["radius"],

@@ -34,6 +34,7 @@ picks them for 3×3 kernels; NNPACK, torch's CPU convolution when oneDNN is off,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -106,14 +107,16 @@ class Tracked:
     error: Affine
     u: float
     tiny: float
+    #: multiply-adds of the inner products so far, per sample: the cost of the computation
+    products: int = 0
 
     @classmethod
     def input(cls, dtype: torch.dtype) -> Tracked:
         """The input ``x`` itself: ``‖x‖ = r``, no error."""
         return cls(Affine(0.0, 1.0), Affine(), unit_roundoff(dtype), underflow(dtype))
 
-    def _with(self, value: Affine, error: Affine) -> Tracked:
-        return Tracked(value, error, self.u, self.tiny)
+    def _with(self, value: Affine, error: Affine, products: int = 0) -> Tracked:
+        return Tracked(value, error, self.u, self.tiny, self.products + products)
 
     def _computed(self) -> Affine:
         """Bound on the norm of the computed value: ``‖v‖ + ‖ṽ − v‖``."""
@@ -125,16 +128,17 @@ class Tracked:
         ``size`` outputs (``apply`` computes it: only :class:`Measured` uses it)."""
         local = self._computed().scale(gamma(terms, self.u) * abs_norm)
         local = local.plus(terms * self.tiny * math.sqrt(size))
-        return self._with(self.value.scale(norm), self.error.scale(norm) + local)
+        return self._with(self.value.scale(norm), self.error.scale(norm) + local, terms * size)
 
     def add(self, other: Tracked | float, subtract: bool = False) -> Tracked:
         """``v + w`` (or ``v − w``) for another tracked value, or a constant of norm ``other``
         (exact data)."""
-        if isinstance(other, Tracked):
-            value, error = self.value + other.value, self.error + other.error
-        else:
-            value, error = self.value.plus(other), self.error
-        return self._with(value, error + (value + error).scale(self.u))
+        value, error = (self.value + other.value, self.error + other.error) \
+            if isinstance(other, Tracked) else (self.value.plus(other), self.error)
+        result = self._with(value, error + (value + error).scale(self.u))
+        if isinstance(other, Tracked):  # branches of one pass: the later one holds the earlier's work
+            result = dataclasses.replace(result, products=max(self.products, other.products))
+        return result
 
     def add_constant(self, constant: torch.Tensor, norm: float) -> Tracked:
         """``v + c`` for exact data ``c`` (a bias) whose broadcast norm is at most ``norm``."""

@@ -241,10 +241,12 @@ def _certify(args: argparse.Namespace) -> int:
           f"{report.lipschitz_bound:.6f} ({bound_deviation(report.lipschitz_bound)}), "
           f"{report.method} certificates")
     error, measured = arithmetic["logit_error_bound"], arithmetic["measured_logit_error_bound"]
-    print(f"arithmetic: {arithmetic['dtype']}, logits within {error['const']:.2g} + "
-          f"{error['slope']:.2g}·‖x‖ of exact arithmetic (proven a priori); measured on the pass, "
-          f"median {measured['median']:.2g}, at most {measured['max']:.2g} (subtracted from each "
-          f"margin); {arithmetic['rechecked_in_float64']} decisions near an ε re-checked in float64")
+    wide = arithmetic["float64_parts"]
+    print(f"arithmetic: {arithmetic['dtype']}" + (f" ({len(wide)} parts in float64)" if wide else "")
+          + f", logits within {error['const']:.2g} + {error['slope']:.2g}·‖x‖ of exact arithmetic "
+          f"(proven a priori in {arithmetic['dtype']}); measured on the pass, median "
+          f"{measured['median']:.2g}, at most {measured['max']:.2g} (subtracted from each margin); "
+          f"{arithmetic['rechecked_in_float64']} decisions near an ε re-checked in float64")
     rows = [(eps, report.clean_accuracy, acc) for eps, acc in report.certified_accuracy.items()]
     _table(("eps", "clean", "certified"), rows)
     print("certified radius quantiles: " + ", ".join(

@@ -187,6 +187,8 @@ def test_certify_loader_report(trained, tmp_path, monkeypatch) -> None:
     largest_input = float(x.double().flatten(1).norm(dim=1).max())
     assert 0 < measured["median"] <= measured["max"] <= a_priori.at(largest_input)
     assert measured["max"] == pytest.approx(float(direct.error_bound.max()), rel=1e-12)
+    assert loaded["arithmetic"]["float64_parts"] == [
+        p for (p, _), d in zip(certifier._leaves, certifier.plan, strict=True) if d == torch.float64]
 
     report.to_csv(tmp_path / "report.csv")
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))

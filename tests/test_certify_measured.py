@@ -142,3 +142,51 @@ def test_operator_norms_follow_in_place_changes_of_the_weights() -> None:
     after = (_operator_bound(conv, ([], [])), _abs_norm(conv))
     assert after[0] == pytest.approx(3 * before[0], rel=1e-6)
     assert after[1] == pytest.approx(3 * before[1], rel=1e-6)
+
+
+# ------------------------------------------------------------- parts computed in float64
+
+
+def test_the_first_pass_computes_error_dense_parts_in_float64_and_tightens_the_bound() -> None:
+    model = _model(seed=1)
+    x = torch.rand(200, 3, 8, 8, generator=_generator(5))
+    certifier = Certifier(model, (3, 8, 8))
+    plan = certifier.plan
+    assert torch.float64 in plan and torch.float32 in plan
+    assert Certifier(model, (3, 8, 8)).plan == plan  # deterministic
+    with torch.inference_mode(), exact_arithmetic():
+        logits, mixed = certifier._forward(x)
+        exact = certifier._model64(x.double())
+        certifier.plan = [torch.float32] * len(plan)
+        _, single = certifier._forward(x)
+    assert (math.sqrt(2) * (logits.double() - exact).norm(dim=1) <= mixed).all()
+    assert (mixed < 0.9 * single).all()
+
+    y = exact.argmax(dim=1)
+    epsilons = [0.02, 0.05]
+    one_precision = certifier(x, y, epsilons)
+    certifier.plan = plan
+    two_precisions = certifier(x, y, epsilons)
+    for eps in epsilons:  # the decisions at the requested ε are float64's either way
+        assert torch.equal(two_precisions.correct & (two_precisions.radius > eps),
+                           one_precision.correct & (one_precision.radius > eps))
+    assert two_precisions.rechecked.sum() < one_precision.rechecked.sum()
+
+
+def test_rounding_a_float64_part_back_to_float32_is_in_the_bound() -> None:
+    """A float64 part followed by an exact float32 part (a reshape): the only error of the
+    logits is the rounding to float32 in between, which the part's own float64 bound does not
+    cover."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Flatten()).eval()
+    x = torch.randn(64, 6, generator=_generator(6))
+    certifier = Certifier(model, (6,))
+    certifier.plan = [torch.float64, torch.float32]
+    with torch.inference_mode(), exact_arithmetic():
+        logits, slack = certifier._forward(x)
+        exact = certifier._model64(x.double())
+        float64_part = certifier._local[torch.float64][0]
+    error = math.sqrt(2) * (logits.double() - exact).norm(dim=1)
+    assert (error > 0).all() and (error <= slack).all()
+    own = math.sqrt(2) * (float64_part.const + float64_part.slope * x.double().norm(dim=1))
+    assert (own < error).any()
