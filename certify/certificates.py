@@ -177,9 +177,11 @@ class Certifier:
     the certifier after changing the parameters; later changes to ``model`` do not affect it.
 
     Every forward pass runs in exact IEEE arithmetic (:func:`~certify.rounding.exact_arithmetic`:
-    no TF32, no autocast). Radii are lowered by the rounding bound, so they are sound; a sample
-    whose decision at one of the requested ``epsilons`` rounding could have flipped is recomputed
-    in float64, so every decision at those ε equals the decision computed in float64.
+    no TF32, no autocast). A float32 model's first pass computes the parts that carry most of the
+    rounding bound in float64 (:attr:`plan`). Radii are lowered by the rounding bound, so they
+    are sound; a sample whose decision at one of the requested ``epsilons`` rounding could have
+    flipped is recomputed in float64, so every decision at those ε equals the decision computed
+    in float64.
     ``"auto"`` uses ``"pairwise"`` when the model is a sequential ending in a Linear layer
     (keeping per sample the larger of the two sound radii), else ``"global"``.
     """
