@@ -95,7 +95,7 @@ class CertificateBatch:
 
     ``rechecked`` marks the samples whose certificate was recomputed in float64 because
     rounding could have decided it at one of the requested ε; ``error_bound`` is the proven bound
-    on the L2 error of each sample's logits in the model's own precision, measured on the pass.
+    on the L2 error of each sample's logits in the first pass, measured on it.
     """
 
     prediction: Tensor
@@ -248,21 +248,12 @@ class Certifier:
                 else self.dtype for k in range(len(products))]
 
     def _contributions(self, x: Tensor) -> Tensor:
-        """``Π_{j>k} L_j e_k`` of every part ``k`` (rows) for every sample (columns), in the
-        model's precision."""
-        rows = []
+        """``Π_{j>k} L_j e_k`` of every part ``k`` (rows) for every sample (columns), every part
+        in the model's precision."""
+        contributions: list[Tensor] = []
         with torch.inference_mode(), exact_arithmetic():
-            measured = self._measured[self.dtype]
-            for (path, leaf), local, suffix in zip(self._leaves, self._local[self.dtype],
-                                                   self._suffix, strict=True):
-                if path in measured:
-                    step = measured[path](x)
-                    rows.append(suffix * step.error)
-                    x = step.value
-                else:
-                    rows.append(suffix * (local.const + local.slope * norm_bound(x)))
-                    x = leaf(x)
-        return torch.stack(rows)
+            self._forward(x, self.dtype, contributions)
+        return torch.stack(contributions)
 
     def _offsets(self, parts: list) -> list[float]:
         """``‖f_k(0)‖`` of every part, computed in float64 and widened past its rounding."""
@@ -312,10 +303,11 @@ class Certifier:
         error: Affine = self.error[dtype]
         return _SQRT2 * (error.const + error.slope * norms) * (1 + 1e-12)
 
-    def _forward(self, x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    def _forward(self, x: Tensor, dtype: torch.dtype | None = None,
+                 contributions: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """The logits, part by part, in ``dtype`` (by default each part in the precision of
         :attr:`plan`), and the bound ``√2 Σ_k Π_{j>k} L_j e_k`` on how far rounding moved any
-        difference of two logits.
+        difference of two logits (each term is appended to ``contributions`` if given).
 
         ``e_k`` is part ``k``'s own rounding error at its computed input ``x̃_{k−1}``: measured
         operation by operation for parts registered ``measured``, else ``e_k(‖x̃_{k−1}‖)``.
@@ -336,11 +328,14 @@ class Certifier:
             measured = self._measured.get(precision, {}).get(path)
             if measured is not None:
                 step = measured(x)
-                error += self._suffix[k] * step.error
+                own = self._suffix[k] * step.error
                 x = step.value
             else:
-                error += self._suffix[k] * (local.const + local.slope * norm_bound(x))
+                own = self._suffix[k] * (local.const + local.slope * norm_bound(x))
                 x = (leaf if precision == self.dtype else leaf64)(x)
+            error += own
+            if contributions is not None:
+                contributions.append(own)
         return x, _SQRT2 * error * (1 + 1e-12)
 
     def __call__(self, x: Tensor, y: Tensor, epsilons: Sequence[float] = ()) -> CertificateBatch:
