@@ -34,6 +34,9 @@ from .rounding import (
 from .spectral import SAFETY
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+#: What a float64 multiply-add costs in float32 ones, for choosing the plan (measured on CPU
+#: convolutions of 24–128 channels: 4–7×).
+FLOAT64_COST = 5.0
 _TINY = torch.finfo(torch.float64).tiny
 _SQRT2 = math.sqrt(2.0)
 
@@ -222,30 +225,64 @@ class Certifier:
         self.error = {dtype: compose_errors([(p.bound, offset, local) for p, offset, local
                                              in zip(parts, offsets, self._local[dtype], strict=True)])[1]
                       for dtype in self._local}
-        #: the precision of each part in the first pass (see :meth:`_plan`)
+        #: the precision of each part in the first pass (see :meth:`_plan`, :meth:`_cheapest_plan`)
+        self._products = [t.products for t in tracked[torch.float64]]
         self.plan = [self.dtype] * len(parts)
-        if self.dtype != torch.float64:
-            self.plan = self._plan([t.products for t in tracked[torch.float64]])
+        self._planned = self.dtype == torch.float64
+        if not self._planned:
+            self.plan = self._plan()
 
-    def _plan(self, products: list[int]) -> list[torch.dtype]:
-        """Which parts the first pass computes in float64: those that carry a larger share of the
-        rounding bound than of the multiply-adds.
+    def _plan(self) -> list[torch.dtype]:
+        """The plan before any decision is asked for: in float64, the parts that carry a larger
+        share of the rounding bound than of the multiply-adds.
 
         Measured on a fixed random batch in the model's precision, part ``k`` contributes
-        ``Π_{j>k} L_j e_k`` to the bound on the logits' error. In float64 its share all but
-        vanishes, at a few times its float32 cost; the share of decisions that must be re-checked
-        in float64 falls with the bound. Deterministic: the same model gives the same plan.
+        ``Π_{j>k} L_j e_k`` to the bound on the logits' error; in float64 its share all but
+        vanishes, at a few times its float32 cost. Deterministic: the same model, the same plan.
         """
         generator = torch.Generator().manual_seed(0)
         x = torch.rand(8, *self.input_shape, generator=generator, dtype=torch.float64)
         device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
         shares = self._contributions(x.to(device, self.dtype)).median(dim=1).values
+        products = self._products
         total_error, total_products = float(shares.sum()), sum(products)
         if total_error <= 0 or total_products <= 0:
             return [self.dtype] * len(products)
         return [torch.float64 if products[k] > 0
                 and float(shares[k]) / total_error > products[k] / total_products
                 else self.dtype for k in range(len(products))]
+
+    def _cheapest_plan(self, logits: Tensor, y: Tensor, contributions: Tensor, extra: Tensor,
+                       epsilons: Sequence[float]) -> list[torch.dtype]:
+        """The plan that makes certifying this batch cheapest, from its all-float32 pass.
+
+        Parts join float64 in the order of their share of the bound per multiply-add; for each
+        prefix the slack without their contributions gives the samples that would be re-checked
+        at ``epsilons``, and the cost counts multiply-adds, float64 ones as
+        :data:`FLOAT64_COST` float32 ones, with every re-checked sample a full float64 pass.
+        """
+        products = torch.tensor(self._products, dtype=torch.float64, device=logits.device)
+        total = float(products.sum())
+        share = contributions.median(dim=1).values
+        candidates = [k for k in torch.argsort(share / products.clamp_min(1.0), descending=True)
+                      .tolist() if products[k] > 0 and share[k] > 0]
+        correct = logits.argmax(dim=1) == y
+        wide = torch.zeros(len(products), dtype=torch.bool, device=logits.device)
+        best, best_cost = wide.clone(), math.inf
+        for count in range(len(candidates) + 1):
+            if count:
+                wide[candidates[count - 1]] = True
+            slack = _SQRT2 * contributions[~wide].sum(dim=0) * (1 + 1e-12)
+            low = self._radius(logits, y, slack + extra)
+            high = self._radius(logits, y, -slack)
+            unsure = torch.zeros_like(correct)
+            for eps in epsilons:
+                unsure |= correct & (low <= eps) & (high > eps)
+            cost = total + (FLOAT64_COST - 1) * float(products[wide].sum()) + \
+                FLOAT64_COST * float(unsure.double().mean()) * total
+            if cost < best_cost:
+                best, best_cost = wide.clone(), cost
+        return [torch.float64 if best[k] else self.dtype for k in range(len(products))]
 
     def _contributions(self, x: Tensor) -> Tensor:
         """``Π_{j>k} L_j e_k`` of every part ``k`` (rows) for every sample (columns), every part
@@ -345,23 +382,35 @@ class Certifier:
         ``r_lo`` (every logit gap lowered by ``√2 (E + 2 E₆₄)``) and ``r_hi`` (raised by ``√2 E``),
         and the float64 radius lies in between. Samples with ``r_lo ≤ ε < r_hi`` for a requested
         ``ε`` are recomputed in float64; the others keep ``r_lo``, whose decision is the same.
+        The first batch with a requested ``ε > 0`` also fixes :attr:`plan` for the batches after
+        it (:meth:`_cheapest_plan`); it is then computed with that plan too.
         """
         self._check_input(x)
         y = y.to(x.device)
         with torch.inference_mode(), exact_arithmetic():
-            logits, slack = self._forward(x)
+            positive = [eps for eps in epsilons if eps > 0]
+            norms = x.detach().double().flatten(1).norm(dim=1)
+            extra = 2 * self._slack(torch.float64, norms)
+            if positive and not self._planned:
+                contributions: list[Tensor] = []
+                logits, slack = self._forward(x, self.dtype, contributions)
+                self.plan = self._cheapest_plan(logits, y, torch.stack(contributions), extra,
+                                                positive)
+                self._planned = True
+                if torch.float64 in self.plan:
+                    logits, slack = self._forward(x)
+            else:
+                logits, slack = self._forward(x)
             error = slack / _SQRT2
             if self.dtype == torch.float64:
                 return self._batch(logits, y, self._radius(logits, y, slack),
                                    torch.zeros_like(y, dtype=torch.bool), error)
-            norms = x.detach().double().flatten(1).norm(dim=1)
-            low = self._radius(logits, y, slack + 2 * self._slack(torch.float64, norms))
+            low = self._radius(logits, y, slack + extra)
             high = self._radius(logits, y, -slack)
             correct = logits.argmax(dim=1) == y
             unsure = torch.zeros_like(correct)
-            for eps in epsilons:
-                if eps > 0:
-                    unsure |= correct & (low <= eps) & (high > eps)
+            for eps in positive:
+                unsure |= correct & (low <= eps) & (high > eps)
             if not unsure.any():
                 return self._batch(logits, y, low, unsure, error)
             exact, slack64 = self._forward(x[unsure], torch.float64)

@@ -7,6 +7,7 @@ module's forward; a rule that computes anything else is refused.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -164,6 +165,7 @@ def test_the_first_pass_computes_error_dense_parts_in_float64_and_tightens_the_b
 
     y = exact.argmax(dim=1)
     epsilons = [0.02, 0.05]
+    certifier._planned = True  # keep the plans set here
     one_precision = certifier(x, y, epsilons)
     certifier.plan = plan
     two_precisions = certifier(x, y, epsilons)
@@ -190,3 +192,34 @@ def test_rounding_a_float64_part_back_to_float32_is_in_the_bound() -> None:
     assert (error > 0).all() and (error <= slack).all()
     own = math.sqrt(2) * (float64_part.const + float64_part.slope * x.double().norm(dim=1))
     assert (own < error).any()
+
+
+def test_the_first_batch_with_a_requested_eps_picks_the_cheapest_plan(monkeypatch) -> None:
+    """Far from every radius no decision needs float64, so float64 parts would only cost. Near
+    the radii some do: whether computing parts in float64 pays depends on its price."""
+    from certify import certificates
+
+    model = _model(seed=1)
+    x = torch.rand(200, 3, 8, 8, generator=_generator(7))
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)
+    far = Certifier(model, (3, 8, 8))
+    assert torch.float64 in far.plan  # the plan before any decision is asked for
+    batch = far(x, y, [100.0])
+    assert far.plan == [torch.float32] * len(far.plan) and not batch.rechecked.any()
+
+    # the very weights certified (frozen), in float64
+    radii = Certifier(copy.deepcopy(far.model).double(), (3, 8, 8))(x.double(), y).radius
+    epsilons = radii[radii > 0][::10].tolist()
+    rechecked = {}
+    for price in (1000.0, 1.0):
+        monkeypatch.setattr(certificates, "FLOAT64_COST", price)
+        near = Certifier(model, (3, 8, 8))
+        batch = near(x, y, epsilons)
+        rechecked[price] = int(batch.rechecked.sum())
+        assert (torch.float64 in near.plan) == (price == 1.0)
+        for eps in epsilons:  # decided as float64 decides, whatever the plan
+            assert torch.equal(batch.correct & (batch.radius > eps), radii > eps)
+        again = near(x, y, epsilons)  # the plan is fixed: the same batch, the same certificates
+        assert torch.equal(again.radius, batch.radius)
+    assert rechecked[1.0] < rechecked[1000.0]

@@ -217,10 +217,10 @@ def test_decisions_equal_float64_decisions_and_radii_stay_below(monkeypatch) -> 
     epsilons = radii[radii > 0][:25].tolist()  # ε exactly at float64 radii: the hardest cases
     forward = certifier._forward
 
-    def optimistic(inputs: torch.Tensor, dtype: torch.dtype | None = None):
+    def optimistic(inputs: torch.Tensor, dtype: torch.dtype | None = None, contributions=None):
         if dtype == torch.float64:
             return forward(inputs, dtype)
-        logits, slack = forward(inputs)
+        logits, slack = forward(inputs, dtype, contributions)
         top = logits.argmax(dim=1, keepdim=True)  # = y: every point is classified correctly
         push = torch.full_like(logits, -0.49).scatter(1, top, 0.49)
         return logits + push * (slack / math.sqrt(2)).to(logits.dtype)[:, None] / math.sqrt(
@@ -233,9 +233,9 @@ def test_decisions_equal_float64_decisions_and_radii_stay_below(monkeypatch) -> 
         assert torch.equal(batch.correct & (batch.radius > eps), radii > eps)
     assert (batch.radius[~batch.rechecked] <= radii[~batch.rechecked] + 1e-12).all()
 
-    monkeypatch.setattr(certifier, "_forward", lambda inputs, dtype=None: (
+    monkeypatch.setattr(certifier, "_forward", lambda inputs, dtype=None, contributions=None: (
         (optimistic(inputs.float())[0].double(), torch.zeros(len(inputs), dtype=torch.float64))
-        if dtype == torch.float64 else optimistic(inputs)))
+        if dtype == torch.float64 else optimistic(inputs, dtype, contributions)))
     fooled = certifier(x, y, epsilons)
     assert any(((fooled.radius > eps) & ~(radii > eps)).any() for eps in epsilons)
 
