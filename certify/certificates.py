@@ -34,9 +34,9 @@ from .rounding import (
 from .spectral import SAFETY
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-#: What a float64 multiply-add costs in float32 ones, for choosing the plan (measured on CPU
-#: convolutions of 24–128 channels: 4–7×).
-FLOAT64_COST = 5.0
+#: What a float64 multiply-add costs in float32 ones, for choosing the plan (CPU convolutions of
+#: 24–128 channels on 4×4 to 16×16 grids: 5–11×, the larger grids dearer).
+FLOAT64_COST = 8.0
 _TINY = torch.finfo(torch.float64).tiny
 _SQRT2 = math.sqrt(2.0)
 
