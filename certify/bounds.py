@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .rounding import Affine, Measured, Tracked, exact_arithmetic, gamma
+from .rounding import Affine, Measured, Tracked, exact_arithmetic, gamma, norm_bound
 from .spectral import (
     SAFETY,
     circular_conv_singular_values,
@@ -325,8 +325,10 @@ def measured_rules(model: nn.Module, input_shape: tuple[int, ...]
     rounding rule on :class:`~certify.rounding.Measured` values, computing the leaf's output and a
     per-sample bound on its own rounding error.
 
-    Each rule is first run on a random batch beside the leaf's forward and must give the very same
-    numbers; a rule that computes anything else is refused with :class:`NotCertifiable`.
+    Each rule is first run on a random batch beside the leaf's forward: both compute the same
+    function, so they must agree to within the sum of their rounding bounds (the rule's measured
+    one and the forward's a-priori one; run to run they are usually bit for bit equal). A rule
+    that computes anything else is refused with :class:`NotCertifiable`.
     """
     io = _record_io(model, input_shape)
     reference = next((t for t in chain(model.parameters(), model.buffers())
@@ -340,9 +342,13 @@ def measured_rules(model: nn.Module, input_shape: tuple[int, ...]
             reg = registration(module)
             y = module(x)
             if reg is not None and reg.measured:
-                run = _measured_rule(reg.rounding, module, io.get(module, ([], [])))
-                out = run(x).value
-                if out.shape != y.shape or not torch.equal(out, y):
+                shapes = io.get(module, ([], []))
+                run = _measured_rule(reg.rounding, module, shapes)
+                measured = run(x)
+                forward = reg.rounding(module, shapes, Tracked.input(x.dtype)).error
+                allowed = measured.error + forward.const + forward.slope * norm_bound(x)
+                if measured.value.shape != y.shape or \
+                        (norm_bound(measured.value.double() - y.double()) > allowed).any():
                     raise NotCertifiable(path, module, "its measured rounding rule computes other "
                                          "outputs than its forward; fix the rule")
                 rules[path] = run

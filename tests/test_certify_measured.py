@@ -135,6 +135,25 @@ def test_a_measured_rule_that_computes_something_else_is_refused(registry) -> No
         register(Doubling, lambda module, io: 2.0, measured=True)
 
 
+class Tripling(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * x
+
+
+def test_a_measured_rule_may_round_differently_from_the_forward(registry) -> None:
+    """``(t / 7) · 21`` is not ``3 t`` bit for bit, but both compute 3t to within their bounds."""
+    def sevenths(module, io, x):
+        return x.elementwise(3.0, 3 * x.u, 1, apply=lambda t: (t / 7) * 21)
+
+    register(Tripling, lambda module, io: 3.0, rounding=sevenths, measured=True, name="test: 3x")
+    model = nn.Sequential(nn.Flatten(), Tripling(), nn.Linear(48, 3))
+    # the batch certify checks the rule on (seeded) does round differently
+    x = torch.rand(2, 3, 4, 4, generator=_generator(0), dtype=torch.float64).float()
+    assert not torch.equal((x / 7) * 21, 3 * x)
+    certifier = Certifier(model, (3, 4, 4))
+    assert "model.1" in certifier._measured[torch.float32]
+
+
 def test_operator_norms_follow_in_place_changes_of_the_weights() -> None:
     conv = ConvOperator(4, 4, 5, 3)
     before = (_operator_bound(conv, ([], [])), _abs_norm(conv))
