@@ -63,8 +63,8 @@ class Registration:
     kernels, step sizes) are plain tensors, so the same function can be evaluated in float64.
     ``measured`` says that ``rounding`` also runs on :class:`~certify.rounding.Measured` values:
     it then computes the forward itself, operation by operation, and certificates bound its
-    rounding from the norms the pass produced (certify checks that it computes the very outputs
-    of the module's forward).
+    rounding from the norms the pass produced (certify checks that its outputs agree with the
+    module's forward to within both rounding bounds, :func:`measured_rules`).
     """
 
     kind: str
