@@ -34,7 +34,6 @@ picks them for 3×3 kernels; NNPACK, torch's CPU convolution when oneDNN is off,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -115,8 +114,9 @@ class Tracked:
         """The input ``x`` itself: ``‖x‖ = r``, no error."""
         return cls(Affine(0.0, 1.0), Affine(), unit_roundoff(dtype), underflow(dtype))
 
-    def _with(self, value: Affine, error: Affine, products: int = 0) -> Tracked:
-        return Tracked(value, error, self.u, self.tiny, self.products + products)
+    def _with(self, value: Affine, error: Affine, added: int = 0) -> Tracked:
+        """A result that took ``added`` more multiply-adds than this value."""
+        return Tracked(value, error, self.u, self.tiny, self.products + added)
 
     def _computed(self) -> Affine:
         """Bound on the norm of the computed value: ``‖v‖ + ‖ṽ − v‖``."""
@@ -133,12 +133,13 @@ class Tracked:
     def add(self, other: Tracked | float, subtract: bool = False) -> Tracked:
         """``v + w`` (or ``v − w``) for another tracked value, or a constant of norm ``other``
         (exact data)."""
-        value, error = (self.value + other.value, self.error + other.error) \
-            if isinstance(other, Tracked) else (self.value.plus(other), self.error)
-        result = self._with(value, error + (value + error).scale(self.u))
-        if isinstance(other, Tracked):  # branches of one pass: the later one holds the earlier's work
-            result = dataclasses.replace(result, products=max(self.products, other.products))
-        return result
+        if isinstance(other, Tracked):
+            value, error = self.value + other.value, self.error + other.error
+            # branches of one pass: the later one already counts the earlier one's work
+            added = max(other.products - self.products, 0)
+        else:
+            value, error, added = self.value.plus(other), self.error, 0
+        return self._with(value, error + (value + error).scale(self.u), added)
 
     def add_constant(self, constant: torch.Tensor, norm: float) -> Tracked:
         """``v + c`` for exact data ``c`` (a bias) whose broadcast norm is at most ``norm``."""
@@ -160,7 +161,6 @@ class Tracked:
         computed_out = value + self.error.scale(lipschitz)
         local = computed_out.scale(relative).plus(self.tiny * math.sqrt(size))
         return self._with(value, self.error.scale(lipschitz) + local)
-
 
 
 def norm_bound(x: torch.Tensor) -> torch.Tensor:
@@ -222,34 +222,33 @@ class Measured:
             terms * self.tiny * math.sqrt(self._size(out))
         return self._with(out, self.error * norm + local, measured * norm + local)
 
-    def _rounded(self, value: torch.Tensor, exact_norm: torch.Tensor, local: float = 0.0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(value, rounding, norm)`` of one correctly rounded operation per entry whose exact
-        result on the computed operands has norm at most ``exact_norm``: ``u`` times that, plus
+    def _rounded(self, exact_norm: torch.Tensor, local: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rounding, norm)`` of one correctly rounded operation per entry whose exact result
+        on the computed operands has norm at most ``exact_norm``: ``u`` times that, plus
         ``local`` (underflow), and a bound on the computed result's norm."""
         rounding = exact_norm * self.u + local
-        return value, rounding, exact_norm + rounding
+        return rounding, exact_norm + rounding
 
     def add(self, other: Measured | float, subtract: bool = False) -> Measured:
         """``ṽ + w̃`` (or ``ṽ − w̃``) for another measured value of the same pass."""
         if not isinstance(other, Measured):
             raise ValueError("a measured sum needs the other value, not its norm: use add_constant")
         out = self.value - other.value if subtract else self.value + other.value
-        out, rounding, norm = self._rounded(out, self.norm + other.norm)
+        rounding, norm = self._rounded(self.norm + other.norm)
         return self._with(out, self.error + other.error + rounding, norm)
 
     def add_constant(self, constant: torch.Tensor, norm: float) -> Measured:
         """``ṽ + c`` for exact data ``c`` (a bias, broadcast as the forward does) of norm at most
         ``norm``."""
-        out, rounding, bound = self._rounded(self.value + constant, self.norm + norm)
-        return self._with(out, self.error + rounding, bound)
+        rounding, bound = self._rounded(self.norm + norm)
+        return self._with(self.value + constant, self.error + rounding, bound)
 
     def scale(self, factor: float | torch.Tensor, size: int) -> Measured:
         """``h ṽ`` for the scalar ``h`` the forward multiplies by (a tensor or a float)."""
         h = abs(float(factor))
-        out, rounding, norm = self._rounded(factor * self.value, self.norm * h,
-                                            self.tiny * math.sqrt(self._size(self.value)))
-        return self._with(out, self.error * h + rounding, norm)
+        rounding, norm = self._rounded(self.norm * h, self.tiny * math.sqrt(self._size(self.value)))
+        return self._with(factor * self.value, self.error * h + rounding, norm)
 
     def elementwise(self, lipschitz: float, relative: float, size: int,
                     value_bound: Affine | None = None,
@@ -267,6 +266,7 @@ class Measured:
             else self.norm * lipschitz
         local = exact * relative + underflow
         return self._with(out, self.error * lipschitz + local, exact + local)
+
 
 def compose_errors(parts: list[tuple[float, float, Affine]]) -> tuple[Affine, Affine]:
     """``(value, error)`` bounds of a composition from each part's ``(L, ‖f(0)‖ bound, e)``,

@@ -23,6 +23,7 @@ import json
 import tempfile
 
 import torch
+from probe_screen import head_margin_accuracies
 from torch import nn
 
 import robustflow.networks as networks
@@ -75,28 +76,15 @@ def main() -> None:
                                   time_budget=args.budget, progress=False, out=f"{tmp}/probe.pt")
         model, record = training.train(cfg, data_root=args.data_root, log=lambda *_: None)
     test = load_cifar10(args.data_root, False)
-    model.eval()
-    rows = model.head.weight.detach()
-    counts = {"clean": 0, "c36": 0, "c03": 0}
+    scores = head_margin_accuracies(model, test)
     steps = [[float(t.min()), float(t.max())] for m in model.modules() if isinstance(m, ChannelPair)
              for t in m.step_sizes()]
-    with torch.no_grad():
-        for i in range(0, len(test), 500):
-            x, y = test.images[i:i + 500].float() / 255, test.labels[i:i + 500]
-            z = model(x)
-            distances = (rows[y][:, None] - rows[None]).norm(dim=2).clamp_min(1e-12)
-            gaps = (z.gather(1, y[:, None]) - z) / distances
-            gaps[torch.arange(len(y)), y] = float("inf")
-            radius, right = gaps.min(1).values, z.argmax(1) == y
-            counts["clean"] += int(right.sum())
-            counts["c36"] += int((right & (radius > 36 / 255)).sum())
-            counts["c03"] += int((right & (radius > 0.3)).sum())
     print(json.dumps({"name": args.name, "mode": args.mode, "seed": args.seed,
                       "params": sum(p.numel() for p in model.parameters()),
                       "img_s": record["metrics"]["images_per_second"],
                       "epochs": record["metrics"].get("epoch"),
                       "step_size_ranges": steps,
-                      **{key: value / len(test) for key, value in counts.items()}}))
+                      **scores}))
 
 
 if __name__ == "__main__":
