@@ -273,10 +273,14 @@ def test_run_all_autoattack_section_compares_with_torchattacks(tmp_path: Path) -
             assert round(r[key] * 12, 4) == int(round(r[key] * 12))  # a count of images
         assert r["certified"] <= r["ours"] <= r["clean"] and r["torchattacks"] <= r["clean"]
         assert r["speedup_cpu"] == pytest.approx(r["torchattacks_cpu_s"] / r["ours_cpu_s"])
-    strength, speed = section["aims"]
+        if r["norm"] == "l2":  # torchattacks attacks every point, and so does ours unskipped
+            assert r["certified_broken_by_torchattacks"] == 0
+            assert r.get("certified_broken_by_ours", 0) == 0
+    strength, speed, sound = section["aims"]
     assert strength["met"] == (max(r["ours"] - r["torchattacks"] for r in rows)
                                <= run_all.STRENGTH_TOLERANCE)
     assert speed["met"] == (min(r["speedup_cpu"] for r in rows) >= 1.5)
+    assert sound["met"] and sound["detail"].count(" 0 of ") == 2  # the 1-Lipschitz model's L2 ε
     assert "## 6. AutoAttack against torchattacks" in (out / "RESULTS.md").read_text()
 
 
@@ -344,3 +348,27 @@ def test_autoattack_cell_measured_in_two_halves_is_joined(tmp_path: Path) -> Non
     both = set(mine["ours_robust_points"]) & set(theirs["torchattacks_robust_points"])
     assert joined["both_robust"] == pytest.approx(len(both) / 6)
     assert joined["both_robust"] <= min(joined["ours"], joined["torchattacks"])
+
+
+
+def test_run_all_counts_certified_points_an_attack_broke() -> None:
+    """run_all recomputes the certificate on the same images and counts the certified points
+    missing from an attack's robust ones: 0 when all are there, 1 when one is dropped."""
+    from benchmarks import bench_autoattack, run_all
+    from robustflow.pretrained import load_test_sample
+
+    images, labels = load_test_sample()
+    images, labels = images[:12], labels[:12]
+    radii = bench_autoattack.certified_radii(bench_autoattack.bundled_plain("lipschitz"),
+                                             images, labels, 250, [36 / 255])
+    certified = (radii > 36 / 255).nonzero().squeeze(1).tolist()
+    assert certified
+    row = {"model": "lipschitz", "norm": "l2", "eps": "36/255",
+           "torchattacks_robust_points": list(range(12))}
+    linf = dict(row, norm="linf", eps="8/255")  # no L∞ certificate: not counted
+    assert run_all._certified_broken_by_torchattacks([row, linf], images, labels) == [
+        {"model": "lipschitz", "norm": "l2", "eps": "36/255", "certified": len(certified),
+         "broken": 0}]
+    dropped = dict(row, torchattacks_robust_points=[i for i in range(12) if i != certified[0]])
+    (check,) = run_all._certified_broken_by_torchattacks([dropped], images, labels)
+    assert check["broken"] == 1
