@@ -8,7 +8,8 @@ Sections (``--only 1,3`` runs a subset; results of earlier runs in ``--out-dir``
 1. certified training at equal budget: robustflow's default preset, an orthogonium SLL
    network and a deel-torchlip network of similar parameter count, each trained for
    ``--budget`` seconds with the same recipe, then certified (each library's own certificate
-   and robustflow's ``certify``) and attacked (PGD-L2 at 0.3);
+   and robustflow's ``certify``) and attacked (PGD-L2 at 0.3); ``--seed`` trains all three
+   from another seed (with ``--out-dir``, a second sample of the run-to-run spread);
 2. attack speed and strength: our PGD vs foolbox ``L2PGD`` vs torchattacks ``PGDL2``;
 3. certification cost: certify time over plain inference time;
 4. certificate tightness: certified radius over the smallest adversarial distance that
@@ -101,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", help="folder containing cifar-10-batches-py/")
     parser.add_argument("--quick", action="store_true", help="a few minutes instead of the full run")
     parser.add_argument("--budget", type=float, help="training seconds per model (900; quick 60)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="section 1: the training seed of all three models (default 0)")
     parser.add_argument("--out-dir", help="folder for RESULTS.md and results.json (default: "
                         "benchmarks/, the published figures; quick: runs/benchmarks-quick/)")
     parser.add_argument("--models-dir", help="trained models (default runs/bench-models; "
@@ -211,7 +214,7 @@ class Context:
         if not path.is_file():
             raise SystemExit(f"--reuse {name}: no trained model at {path}; run section 1 without --reuse")
         model, info = load_trained(name, path)
-        expected: dict[str, Any] = {"budget": self.args.budget, "recipe": _recipe()}
+        expected: dict[str, Any] = {"budget": self.args.budget, "recipe": _recipe(self.args.seed)}
         if name == "robustflow":
             expected["preset"] = TrainConfig().preset
         else:
@@ -231,7 +234,7 @@ class Context:
         out = Path(self.args.models_dir)
         out.mkdir(parents=True, exist_ok=True)
         cfg = TrainConfig(epochs=1000, time_budget=self.args.budget, val_size=0, progress=False,
-                          device="cpu", out=str(out / f"{name}.pt"))
+                          device="cpu", seed=self.args.seed, out=str(out / f"{name}.pt"))
         if name == "robustflow":
             model, record = train(cfg, train_set=self.train(), log=lambda *_: None)
             metrics = record["metrics"]
@@ -242,7 +245,7 @@ class Context:
             torch.manual_seed(cfg.seed)
             model, info = build_peer(name)
             info.update(train_budgeted(model, self.train(), self.args.budget, cfg),
-                        budget=self.args.budget, recipe=_recipe())
+                        budget=self.args.budget, recipe=_recipe(cfg.seed))
             torch.save({"info": info, "state_dict": model.state_dict()}, cfg.out)
         info["budget"] = self.args.budget
         self.models[name], self.infos[name] = model.eval(), info
@@ -366,11 +369,11 @@ def section_training(ctx: Context) -> dict:
                                    "(the peer's better of its own and robustflow's certificate)"})
     return {"models": rows, "aims": aims,
             "settings": {"budget": args.budget, "test_n": len(test), "attack_n": len(attack_set),
-                         "attack_steps": args.attack_steps, "recipe": _recipe()}}
+                         "attack_steps": args.attack_steps, "recipe": _recipe(args.seed)}}
 
 
-def _recipe() -> dict:
-    cfg = TrainConfig()
+def _recipe(seed: int = 0) -> dict:
+    cfg = TrainConfig(seed=seed)
     return {k: getattr(cfg, k) for k in ("preset", "batch_size", "optimizer", "lr", "schedule",
                                          "loss", "train_eps", "temperature", "augment", "seed")}
 

@@ -197,6 +197,8 @@ def test_run_all_quick_writes_every_section(tmp_path: Path) -> None:
     assert "Not retrained in this run (`--reuse`): SLL" in (out / "RESULTS.md").read_text()
     with pytest.raises(SystemExit, match="sll.pt was trained differently: budget 2.0 \\(now 3.0\\)"):
         run_all.main([*sizes, "--budget", "3", "--reuse", "sll"])
+    with pytest.raises(SystemExit, match="recipe .*'seed': 0} \\(now .*'seed': 1}\\)"):
+        run_all.main([*sizes, "--seed", "1", "--reuse", "robustflow"])
     with pytest.raises(SystemExit) as info:
         run_all.main([*sizes, "--reuse", "resnet"])
     assert info.value.code == 2
