@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--restarts", type=_positive_int, default=1)
     a.add_argument("--target", help="targeted attack towards this class (index or name)")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--attack-certified", action="store_true",
+                   help="attack the points certified at ε too, and count those that fall: a "
+                        "check of the certificates (none may fall; exit status 1 if any does)")
     a.add_argument("--json", help="write the report here")
     a.add_argument("--save-adv", help="write adversarial images (.npz) here")
     a.set_defaults(run=_attack)
@@ -283,7 +286,7 @@ def _attack(args: argparse.Namespace) -> int:
         report = attack_dataset(model, data, args.attack, args.eps, target=target,
                                 batch_size=args.batch_size, device=device,
                                 progress=not args.no_progress, keep_adversarials=bool(args.save_adv),
-                                name=label, **options)
+                                attack_certified=args.attack_certified, name=label, **options)
     except ValueError as err:
         raise UserError(str(err).splitlines()[0]) from None
     for warning in report.warnings:
@@ -303,14 +306,26 @@ def _attack(args: argparse.Namespace) -> int:
             for eps, acc in report.robust_accuracy.items()]
     _table(("eps", "clean", "certified", *stages, "robust"), rows)
     attacked = ", ".join(f"{n} at {eps}" for eps, n in report.attacked_points.items())
-    print(f"attacked {attacked} of {report.n} images in {report.seconds:.1f} s (misclassified "
-          "points and points certified at ε are not attacked: they cannot fall)")
+    not_attacked = ("misclassified points are not attacked: they have fallen"
+                    if report.certified_broken is not None else "misclassified points and points "
+                    "certified at ε are not attacked: they cannot fall")
+    print(f"attacked {attacked} of {report.n} images in {report.seconds:.1f} s ({not_attacked})")
+    if report.certified_broken is not None:
+        counts = ", ".join(f"{report.certified_broken[eps]} of {report.certified_attacked[eps]} at "
+                           f"{eps}" for eps in report.certified_broken)
+        print(f"certified points the attack broke: {counts}")
     if args.json:
         _write(args.json, lambda p: report.to_json(p))
     if args.save_adv:
         _write(args.save_adv, lambda p: np.savez_compressed(
             p, **{f"eps_{i}": v for i, v in enumerate(report.adversarials.values())},
             epsilons=np.array(list(report.adversarials))))
+    if report.certified_broken is not None:
+        if any(report.certified_broken.values()):
+            print("robustflow: error: the attack broke certified points, so a certificate is "
+                  "unsound (a bound registered with certify that does not hold?); see the counts "
+                  "above", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -88,6 +88,8 @@ class AttackReport:
     queries: int | None = None
     per_attack: dict[str, dict[str, float]] | None = None
     seconds: float | None = None
+    certified_attacked: dict[str, int] | None = None
+    certified_broken: dict[str, int] | None = None
     adversarials: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,14 +130,18 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
                    restarts: int = 1, target: int | None = None, seed: int = 0,
                    batch_size: int = 250, device: torch.device | str = "cpu",
                    progress: bool = True, use_certificates: bool = True,
-                   keep_adversarials: bool = False, name: str = "model", norm: str | None = None,
+                   attack_certified: bool = False, keep_adversarials: bool = False,
+                   name: str = "model", norm: str | None = None,
                    queries: int | None = None, targets: int | None = None) -> AttackReport:
     """Run ``attack`` (a spec of :func:`attacks.get_attack`) at every ε; points certified at
     that ε are not attacked.
 
     Skipping certified points (and misclassified ones, inside the attack) changes no
     result: a certified point cannot fall, a misclassified one has already fallen. The
-    robust accuracy therefore equals that of the full attack with the same seed. The
+    robust accuracy therefore equals that of the full attack with the same seed.
+    ``attack_certified=True`` attacks the certified points as well, as a check of the
+    certificates: ``certified_broken[ε]`` counts those the attack broke, which a sound
+    certificate keeps at 0 (``certified_attacked[ε]`` says how many were tried). The
     attack runs on the exported copy of ``model`` (same outputs, no parametrisation cost).
     ``steps`` defaults to 10 for PGD and to 100 (the paper's) for APGD and FAB; ``norm`` to
     the spec's or L2. Certificates are L2 radii r; under L∞ a point is certified at ε when
@@ -154,6 +160,8 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
     x0, y0 = data.floats(slice(0, min(len(data), 64)))
     warnings = check_evaluation(model, x0.to(device), y0.to(device))
 
+    if attack_certified and not use_certificates:
+        raise ValueError("attack_certified checks certificates; it needs use_certificates=True")
     radii = None
     certified: dict[str, float] | None = None
     scale = 1.0 if runner.norm == "l2" else float(np.prod(data.images.shape[1:])) ** 0.5
@@ -162,6 +170,9 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
             certifier = Certifier(model, tuple(data.images.shape[1:]))
         except NotCertifiable:
             certifier = None
+        if certifier is None and attack_certified:
+            raise ValueError("attack_certified checks certificates, but certify cannot bound "
+                             "this model")
         if certifier is not None:
             radii_at = [eps * scale for _, eps in epsilons]  # decisions at these exact, as in certify
             radii = torch.cat([certifier(x.to(device), y.to(device), epsilons=radii_at).radius.cpu()
@@ -171,6 +182,9 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
     adversarials = {label: [] for label, _ in epsilons}
     stages = runner.names if isinstance(runner, AutoAttack) else ()
     stage_counts = {stage: {label: 0 for label, _ in epsilons} for stage in stages}
+    audit = attack_certified and radii is not None
+    certified_attacked = {label: 0 for label, _ in epsilons} if audit else None
+    certified_broken = {label: 0 for label, _ in epsilons} if audit else None
     correct = 0
     bar = tqdm(total=len(data) * len(epsilons), desc=f"attack {attack}", unit="img",
                disable=not progress)
@@ -184,6 +198,9 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
             skip = None
             if radii is not None:
                 skip = (radii[start:start + len(y)] > eps * scale).to(device) & clean_ok
+            proven = skip
+            if audit:
+                skip = None
             if stages:
                 result = runner.evaluate(model, x, y, epsilons=[eps], skip=skip)
                 clipped, success = result.clipped, result.success
@@ -194,6 +211,9 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
             fooled = success[0] if goal is None else success[0] & (y != goal)
             robust_counts[label] += int((clean_ok & ~fooled).sum())
             attacked[label] += int(clean_ok.sum()) - (0 if skip is None else int(skip.sum()))
+            if audit:
+                certified_attacked[label] += int(proven.sum())
+                certified_broken[label] += int((proven & fooled).sum())
             if keep_adversarials:
                 adversarials[label].append(clipped[0].cpu().numpy())
             bar.update(len(y))
@@ -232,6 +252,7 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
         min_distances=distances, norm=runner.norm,
         queries=runner.queries if searches else None, per_attack=per_attack,
         seconds=time.monotonic() - started,
+        certified_attacked=certified_attacked, certified_broken=certified_broken,
         adversarials={k: np.concatenate(v) for k, v in adversarials.items() if v},
     )
 

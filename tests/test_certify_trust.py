@@ -340,3 +340,32 @@ def test_the_certifier_checks_shape_and_dtype() -> None:
     with pytest.raises(ValueError, match="computes in torch.float32, got inputs of torch.float64"):
         certifier(torch.rand(4, 3, 8, 8, dtype=torch.float64), y)
     assert Certifier(_model().double(), (3, 8, 8))(torch.rand(4, 3, 8, 8).double(), y).radius.shape == (4,)
+
+
+class Amplify(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 100 * x
+
+
+def test_an_attack_on_certified_points_catches_a_false_registration(registry) -> None:
+    """Registering is a statement of trust: vouching for a ×100 layer with the bound 1 makes
+    certificates that an attack breaks, and ``attack_certified`` counts them."""
+    from robustflow.data import ImageSet
+    from robustflow.evaluation import attack_dataset
+
+    register(Amplify, lambda module, io: 1.0, rounding=lambda module, io, x: x,
+             name="test: a false bound")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), Amplify(), nn.Linear(48, 3)).eval()
+    images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
+    with torch.no_grad():  # labels the model gets right, so that every point can be certified
+        labels = model(images.float() / 255).argmax(dim=1)
+    data = ImageSet(images, labels)
+    epsilons = [("0.1", 0.1)]
+    report = attack_dataset(model, data, "pgd-l2", epsilons, steps=10, progress=False,
+                            attack_certified=True)
+    assert report.certified_attacked["0.1"] == round(40 * report.certified_accuracy["0.1"]) > 0
+    assert report.certified_broken["0.1"] > 0
+    skipping = attack_dataset(model, data, "pgd-l2", epsilons, steps=10, progress=False)
+    assert skipping.certified_broken is None  # without the check the false bound goes unseen
+    assert skipping.robust_accuracy["0.1"] > report.robust_accuracy["0.1"]

@@ -226,6 +226,49 @@ def test_attack_autoattack_linf_parts(checkpoint: Path, data_root: Path, tmp_pat
     assert data["robust_accuracy"]["8/255"] <= data["clean_accuracy"]
 
 
+def test_attack_certified_attacks_every_certified_point(checkpoint: Path, data_root: Path,
+                                                        tmp_path: Path, capsys) -> None:
+    report = tmp_path / "audit.json"
+    code, stdout, err = run(["attack", "--checkpoint", checkpoint, "--data-root", data_root,
+                             "--limit", "40", "--steps", "5", "--eps", "0.05,0.1",
+                             "--attack-certified", "--json", report, "--no-progress"], capsys)
+    assert code == 0 and err == ""
+    data = json.loads(report.read_text())
+    test = load_cifar10(data_root, train=False, limit=40)
+    model = export_plain(model_from_checkpoint(checkpoint)[0]).eval()
+    certificate = Certifier(model, (3, 32, 32))(*test.floats())
+    correct = int(certificate.correct.sum())
+    counts = []
+    for label in ("0.05", "0.1"):
+        certified = int((certificate.correct & (certificate.radius > parse_epsilon(label))).sum())
+        assert data["certified_attacked"][label] == certified > 0, label
+        assert data["certified_broken"][label] == 0, label
+        assert data["attacked_points"][label] == correct, label  # certified points included
+        counts.append(f"0 of {certified} at {label}")
+    assert f"certified points the attack broke: {', '.join(counts)}" in stdout
+
+
+def test_attack_certified_fails_on_an_unsound_certificate(checkpoint: Path, data_root: Path,
+                                                          monkeypatch, capsys) -> None:
+    """A certifier that inflates every radius 1,000-fold is caught: exit 1, one line."""
+    from robustflow import evaluation
+
+    class Inflating(Certifier):
+        def __call__(self, *args, **kwargs):
+            batch = super().__call__(*args, **kwargs)
+            batch.radius = batch.radius * 1000
+            return batch
+
+    monkeypatch.setattr(evaluation, "Certifier", Inflating)
+    code, stdout, err = run(["attack", "--checkpoint", checkpoint, "--data-root", data_root,
+                             "--limit", "40", "--steps", "5", "--eps", "0.5",
+                             "--attack-certified", "--no-progress"], capsys)
+    broken = int(stdout.split("certified points the attack broke: ")[1].split(" of ")[0])
+    assert code == 1 and broken > 0
+    assert err.startswith("robustflow: error: the attack broke certified points")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
 def test_bundled_sample(checkpoint: Path, tmp_path: Path, capsys) -> None:
     report = tmp_path / "cert.json"
     code, stdout, _ = run(["certify", "--checkpoint", checkpoint, "--limit", "20", "--json", report,
