@@ -195,12 +195,10 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
         correct += int(clean_ok.sum())
         goal = None if target is None else torch.full_like(y, int(target))
         for label, eps in epsilons:
-            skip = None
+            proven = None  # the points certified at ε, which cannot fall
             if radii is not None:
-                skip = (radii[start:start + len(y)] > eps * scale).to(device) & clean_ok
-            proven = skip
-            if audit:
-                skip = None
+                proven = (radii[start:start + len(y)] > eps * scale).to(device) & clean_ok
+            skip = None if audit else proven
             if stages:
                 result = runner.evaluate(model, x, y, epsilons=[eps], skip=skip)
                 clipped, success = result.clipped, result.success
