@@ -56,7 +56,13 @@ class FoolboxAttack(Attack):
                              "LinfPGD, DDNAttack, L2FMNAttack, L2CarliniWagnerAttack, "
                              "L2DeepFoolAttack (any attack class in foolbox.attacks)")
         self.name = name
-        self.attack = classes[name](**kwargs)
+        try:
+            self.attack = classes[name](**kwargs)
+        except TypeError as err:
+            raise ValueError(f"foolbox's {name} does not take {', '.join(sorted(kwargs))} "
+                             f"({err})") from None
+        #: Iterations, where the foolbox attack has them (its own default unless given).
+        self.steps: int | None = getattr(self.attack, "steps", None)
         p = getattr(getattr(self.attack, "distance", None), "p", None)
         if p not in _NORMS:
             raise ValueError(f"{name} measures perturbations in L{p}; only L2 and L∞ are supported")

@@ -103,10 +103,15 @@ def attack_options(attack: str, *, steps: int | None = None, restarts: int = 1, 
                    norm: str | None = None, queries: int | None = None,
                    targets: int | None = None) -> dict[str, Any]:
     """The keyword arguments of :func:`attacks.get_attack` that ``attack`` takes among these
-    (``steps`` is PGD's, APGD's and FAB's; ``queries`` Square's; ``targets`` APGD-T's and
+    (``steps`` is PGD's, APGD's, FAB's and a foolbox attack's; ``queries`` Square's; ``targets`` APGD-T's and
     FAB-T's; ``restarts`` all but AutoAttack's, which runs each attack once as the paper does)."""
     if attack.startswith("pgd-"):
         return {"steps": 10 if steps is None else steps, "restarts": restarts, "seed": seed,
+                **({} if norm is None else {"norm": norm})}
+    if attack.startswith("foolbox:"):  # foolbox's own defaults unless asked otherwise
+        if restarts != 1:
+            raise ValueError("a foolbox attack runs once; restarts must be 1")
+        return {**({} if steps is None else {"steps": steps}),
                 **({} if norm is None else {"norm": norm})}
     if attack not in AUTOATTACK_SPECS:
         return {} if norm is None else {"norm": norm}
@@ -222,7 +227,8 @@ def attack_dataset(model: nn.Module, data: ImageSet, attack: str,
         distances = []
         for x, y in batches(data, batch_size):
             found = minimal_adversarial_distance(model, x.to(device), y.to(device),
-                                                 attack.removeprefix("foolbox:"))
+                                                 attack.removeprefix("foolbox:"),
+                                                 **({} if steps is None else {"steps": steps}))
             distances.extend(found.cpu().tolist())
     if radii is not None:  # radius 0 for misclassified points; at ε = 0 certified = correct
         certified = {label: int((radii > eps * scale).sum()) / n if eps > 0 else correct / n

@@ -226,6 +226,30 @@ def test_attack_autoattack_linf_parts(checkpoint: Path, data_root: Path, tmp_pat
     assert data["robust_accuracy"]["8/255"] <= data["clean_accuracy"]
 
 
+def test_attack_foolbox_minimisation_uses_the_steps_asked_for(checkpoint: Path, data_root: Path,
+                                                               tmp_path: Path, monkeypatch,
+                                                               capsys) -> None:
+    """``--steps`` reaches foolbox's attack and the distance search, and the report says so."""
+    from robustflow import evaluation
+
+    asked = []
+    search = evaluation.minimal_adversarial_distance
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("steps"))
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "minimal_adversarial_distance", recording)
+    report = tmp_path / "ddn.json"
+    code, stdout, _ = run(["attack", "--checkpoint", checkpoint, "--data-root", data_root,
+                           "--limit", "10", "--attack", "foolbox:DDNAttack", "--steps", "3",
+                           "--eps", "0.5", "--json", report, "--no-progress"], capsys)
+    assert code == 0 and "foolbox:DDNAttack, 3 steps" in stdout
+    data = json.loads(report.read_text())
+    assert data["steps"] == 3 and asked and set(asked) == {3}
+    assert len(data["min_distances"]) == 10
+
+
 def test_attack_certified_attacks_every_certified_point(checkpoint: Path, data_root: Path,
                                                         tmp_path: Path, capsys) -> None:
     report = tmp_path / "audit.json"
@@ -333,6 +357,8 @@ def assert_one_line_error(code: int, err: str) -> None:
     (["attack", "--attack", "autoattack-plus"], "unknown attack"),
     (["attack", "--attack", "pgd-l2", "--norm", "linf"], "pgd-l2 attacks in l2, not linf"),
     (["attack", "--attack", "foolbox:DDNAttack", "--norm", "linf"], "attacks in l2, not linf"),
+    (["attack", "--attack", "foolbox:FGSM", "--steps", "3"], "FGSM does not take steps"),
+    (["attack", "--attack", "foolbox:DDNAttack", "--restarts", "2"], "restarts must be 1"),
     (["attack", "--attack", "autoattack", "--norm", "l1"], "invalid choice"),
     (["attack", "--attack", "autoattack", "--target", "cat"], "untargeted"),
     (["attack", "--attack", "autoattack", "--restarts", "2"], "restarts must be 1"),
