@@ -366,6 +366,11 @@ def _plot_curves(args: argparse.Namespace) -> int:
     attack_reports = [_read_json(p) for p in args.attack_report]
     distances = _read_json(args.distances_report) if args.distances_report else None
     figure = curves_from_reports(certify_report, attack_reports, distances)
+    pairs = getattr(figure, "radius_against_distance", None)
+    if pairs is not None:
+        print(f"radius against distance: {pairs['above']} of {pairs['images']} images with an "
+              f"adversarial have a certified radius above it (0 if sound); median radius / "
+              f"distance {pairs['median_ratio']:.3f}")
     print(f"wrote {save_figure(figure, args.out)}")
     return 0
 

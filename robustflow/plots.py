@@ -421,7 +421,9 @@ def curves_from_reports(certify_report: dict | None, attack_reports: list[dict],
     Each attack curve starts at its own report's clean accuracy. The per-image scatter pairs
     the certify report's ``radii`` with the ``min_distances`` of ``distances_report`` (any
     report that has them, e.g. the demo's ``distances-lipschitz.json``) or, without one, of
-    the first attack report that has them (``robustflow attack --attack foolbox:DDNAttack``).
+    the first attack report that has them (``robustflow attack --attack foolbox:DDNAttack``);
+    the figure then also carries their :func:`radius_against_distance` as an attribute of the
+    same name.
     """
     if certify_report is None and not attack_reports:
         raise UserError("no reports to plot; pass a certify report or attack reports")
@@ -452,7 +454,22 @@ def curves_from_reports(certify_report: dict | None, attack_reports: list[dict],
         attack, steps = str(report.get("attack", "the attack")), report.get("steps")
         distance_label = (f"smallest adversarial L2 distance found by {attack.removeprefix('foolbox:')}"
                           + (f", {steps} steps" if steps else ""))
-    return draw_curves(certified, robust, clean, radii, min_distances, title, distance_label)
+    figure = draw_curves(certified, robust, clean, radii, min_distances, title, distance_label)
+    if radii is not None and min_distances is not None:
+        figure.radius_against_distance = radius_against_distance(radii, min_distances)
+    return figure
+
+
+def radius_against_distance(radii: np.ndarray, min_distances: np.ndarray) -> dict[str, float]:
+    """Over the images with an adversarial (``0 < distance < inf``, the first ``min(len)``):
+    their number, how many have a certified radius above the distance (0 if the certificates
+    are sound) and the median of radius / distance (1 would be tight)."""
+    k = min(len(radii), len(min_distances))
+    radius, distance = np.asarray(radii, float)[:k], np.asarray(min_distances, float)[:k]
+    found = (distance > 0) & np.isfinite(distance)
+    ratio = radius[found] / distance[found]
+    return {"images": int(found.sum()), "above": int((radius[found] > distance[found]).sum()),
+            "median_ratio": float(np.median(ratio)) if len(ratio) else float("nan")}
 
 
 def figure_pixel_size(fig: Figure) -> tuple[int, int]:

@@ -48,6 +48,9 @@ def test_demo_runs_end_to_end_on_a_reduced_sample(tmp_path: Path, capsys) -> Non
                  str(out / "attack-lipschitz.json"), "--distances-report",
                  str(out / "distances-lipschitz.json"), "--out", str(tmp_path / "again.png")]) == 0
     assert _png_size(tmp_path / "again.png") == _png_size(out / "curves.png")
+    shown = (radii > 0) & np.isfinite(found) & (found > 0)
+    assert (f"radius against distance: 0 of {int(((found > 0) & np.isfinite(found)).sum())} images"
+            in capsys.readouterr().out) and shown.any()
     assert summary["lipschitz_bound"] <= 1 + 1e-5
     autoattack = json.loads((out / "autoattack-lipschitz.json").read_text())
     pgd = json.loads((out / "attack-lipschitz.json").read_text())

@@ -210,13 +210,17 @@ def test_curves_from_reports(tmp_path) -> None:
     diagonal = next(line for line in right.get_lines() if line.get_label() == "y = x")
     np.testing.assert_allclose(diagonal.get_xdata(), diagonal.get_ydata())
     assert right.get_title().endswith("0 of 2 images above y = x")
+    assert fig.radius_against_distance == {"images": 2, "above": 0,
+                                           "median_ratio": pytest.approx((0.2 / 0.3 + 0.7 / 0.9) / 2)}
     assert "PGD-L2" in right.get_xlabel()
     assert saved_png_size(fig, tmp_path / "curves.png") == figure_pixel_size(fig)
 
 
 def test_scatter_shows_a_radius_above_the_attack_distance() -> None:
     """The distances report takes precedence, and an unsound radius is counted and marked."""
-    right = curves_from_reports(CERTIFY, ATTACKS, DISTANCES).axes[1]
+    fig = curves_from_reports(CERTIFY, ATTACKS, DISTANCES)
+    right = fig.axes[1]
+    assert fig.radius_against_distance["above"] == 1 and fig.radius_against_distance["images"] == 2
     points = scatter_points(right)
     np.testing.assert_allclose(points["radius above the distance (1)"], [[0.1, 0.2]])
     np.testing.assert_allclose(points["correctly classified images (1)"], [[2.0, 0.7]])
