@@ -320,12 +320,11 @@ def _attack(args: argparse.Namespace) -> int:
         _write(args.save_adv, lambda p: np.savez_compressed(
             p, **{f"eps_{i}": v for i, v in enumerate(report.adversarials.values())},
             epsilons=np.array(list(report.adversarials))))
-    if report.certified_broken is not None:
-        if any(report.certified_broken.values()):
-            print("robustflow: error: the attack broke certified points, so a certificate is "
-                  "unsound (a bound registered with certify that does not hold?); see the counts "
-                  "above", file=sys.stderr)
-            return 1
+    if report.certified_broken is not None and any(report.certified_broken.values()):
+        print("robustflow: error: the attack broke certified points, so a certificate is "
+              "unsound (a bound registered with certify that does not hold?); see the counts "
+              "above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -338,9 +338,7 @@ def draw_radius_scatter(ax: Axes, radii: np.ndarray, min_distances: np.ndarray,
     Misclassified images (distance 0) are left out; images the attack could not break
     (distance ``inf``) are drawn at the right edge.
     """
-    k = min(len(radii), len(min_distances))
-    radius = np.asarray(radii, float)[:k]
-    distance = np.asarray(min_distances, float)[:k]
+    radius, distance = _paired(radii, min_distances)
     shown = distance > 0
     found = shown & np.isfinite(distance)
     unbroken = shown & ~np.isfinite(distance)
@@ -460,12 +458,17 @@ def curves_from_reports(certify_report: dict | None, attack_reports: list[dict],
     return figure
 
 
+def _paired(radii: np.ndarray, min_distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Radii and distances of the images both describe (the first ``min(len)``), as floats."""
+    k = min(len(radii), len(min_distances))
+    return np.asarray(radii, float)[:k], np.asarray(min_distances, float)[:k]
+
+
 def radius_against_distance(radii: np.ndarray, min_distances: np.ndarray) -> dict[str, float]:
     """Over the images with an adversarial (``0 < distance < inf``, the first ``min(len)``):
     their number, how many have a certified radius above the distance (0 if the certificates
     are sound) and the median of radius / distance (1 would be tight)."""
-    k = min(len(radii), len(min_distances))
-    radius, distance = np.asarray(radii, float)[:k], np.asarray(min_distances, float)[:k]
+    radius, distance = _paired(radii, min_distances)
     found = (distance > 0) & np.isfinite(distance)
     ratio = radius[found] / distance[found]
     return {"images": int(found.sum()), "above": int((radius[found] > distance[found]).sum()),
