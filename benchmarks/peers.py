@@ -209,12 +209,22 @@ def _stage_widths(width: int, stages: int) -> list[int]:
     return [width * 2 ** min(i, 2) for i in range(stages)]
 
 
-def build_sll(width: int = 16, blocks_per_stage: int = 2, stages: int = 3, image_size: int = 32,
-              inner_factor: float = 1.0, num_classes: int = 10, stem: str = "lift") -> nn.Sequential:
+def _stage_counts(per_stage: int | tuple[int, ...], stages: int) -> tuple[int, ...]:
+    """Blocks of each stage: one count for all, or one per stage (robustflow's ``steps_per_stage``)."""
+    if isinstance(per_stage, int):
+        return (per_stage,) * stages
+    if len(per_stage) != stages:
+        raise ValueError(f"{len(per_stage)} block counts for {stages} stages")
+    return tuple(per_stage)
+
+
+def build_sll(width: int = 16, blocks_per_stage: int | tuple[int, ...] = 2, stages: int = 3,
+              image_size: int = 32, inner_factor: float = 1.0, num_classes: int = 10,
+              stem: str = "lift") -> nn.Sequential:
     """An SLL network from orthogonium layers, in robustflow's staged layout.
 
     centering → [space-to-depth if ``stem="unshuffle"``] → orthogonal 1×1 lift (→ w) →
-    stage: ``blocks_per_stage`` SLL blocks →
+    stage: ``blocks_per_stage`` SLL blocks (one count, or one per stage) →
     space-to-depth + orthogonal 1×1 mix (4c → next width) → … → flatten → OrthoLinear.
     Widths double per stage (w, 2w, 4w). Every part is 1-Lipschitz by orthogonium's
     construction (up to its power-iteration/Björck orthogonalisation).
@@ -230,9 +240,9 @@ def build_sll(width: int = 16, blocks_per_stage: int = 2, stages: int = 3, image
         parts["unshuffle"] = nn.PixelUnshuffle(2)
         size, pixels = size // 2, 12
     parts["lift"] = AdaptiveOrthoConv2d(pixels, widths[0], kernel_size=1, bias=False)
-    for i, c in enumerate(widths, start=1):
-        parts[f"stage{i}"] = nn.Sequential(*(SLLBlock(c, size, inner_factor)
-                                            for _ in range(blocks_per_stage)))
+    counts = _stage_counts(blocks_per_stage, stages)
+    for i, (c, blocks) in enumerate(zip(widths, counts, strict=True), start=1):
+        parts[f"stage{i}"] = nn.Sequential(*(SLLBlock(c, size, inner_factor) for _ in range(blocks)))
         nxt = widths[i] if i < len(widths) else c
         parts[f"down{i}"] = nn.Sequential(nn.PixelUnshuffle(2),
                                           AdaptiveOrthoConv2d(4 * c, nxt, kernel_size=1, bias=False))
@@ -242,12 +252,12 @@ def build_sll(width: int = 16, blocks_per_stage: int = 2, stages: int = 3, image
     return nn.Sequential(parts)
 
 
-def build_torchlip(width: int = 16, convs_per_stage: int = 2, stages: int = 3,
+def build_torchlip(width: int = 16, convs_per_stage: int | tuple[int, ...] = 2, stages: int = 3,
                    image_size: int = 32, num_classes: int = 10, stem: str = "lift") -> nn.Sequential:
     """A spectrally normalised deel-torchlip network (plain, non-residual).
 
     centering → [InvertibleDownSampling(2) if ``stem="unshuffle"``] → SpectralConv2d 3×3
-    (→ w) + GroupSort2 → stage: ``convs_per_stage`` ×
+    (→ w) + GroupSort2 → stage: ``convs_per_stage`` (one count, or one per stage) ×
     (SpectralConv2d 3×3 + GroupSort2) → InvertibleDownSampling(2) + SpectralConv2d 1×1 →
     … → flatten → SpectralLinear. Widths double per stage (w, 2w, 4w); ``width`` must be
     even (GroupSort2 sorts channel pairs).
@@ -265,9 +275,10 @@ def build_torchlip(width: int = 16, convs_per_stage: int = 2, stages: int = 3,
         parts["unshuffle"] = InvertibleDownSampling(2)
         size, pixels = size // 2, 12
     parts["lift"] = nn.Sequential(SpectralConv2d(pixels, widths[0], 3, padding=1), GroupSort2())
-    for i, c in enumerate(widths, start=1):
+    counts = _stage_counts(convs_per_stage, stages)
+    for i, (c, convs) in enumerate(zip(widths, counts, strict=True), start=1):
         layers: list[nn.Module] = []
-        for _ in range(convs_per_stage):
+        for _ in range(convs):
             layers += [SpectralConv2d(c, c, 3, padding=1), GroupSort2()]
         parts[f"stage{i}"] = nn.Sequential(*layers)
         nxt = widths[i] if i < len(widths) else c
@@ -282,7 +293,8 @@ def build_torchlip(width: int = 16, convs_per_stage: int = 2, stages: int = 3,
 BUILDERS: dict[str, Callable[..., nn.Sequential]] = {"sll": build_sll, "torchlip": build_torchlip}
 
 
-def matched_width(kind: str, target: int, depth: int = 2, stem: str = "lift") -> tuple[int, int]:
+def matched_width(kind: str, target: int, depth: int | tuple[int, ...] = 2,
+                  stem: str = "lift") -> tuple[int, int]:
     """``(width, parameters)`` of the ``kind`` peer whose parameter count is closest to ``target``
     (torchlip widths are even: GroupSort2 sorts channel pairs)."""
     candidates = range(2, 257, 2 if kind == "torchlip" else 1)
@@ -297,7 +309,7 @@ def matched_width(kind: str, target: int, depth: int = 2, stem: str = "lift") ->
     return best
 
 
-def build_peer(kind: str, target: int | None = None, depth: int | None = None
+def build_peer(kind: str, target: int | None = None, depth: int | tuple[int, ...] | None = None
                ) -> tuple[nn.Sequential, dict]:
     """The ``kind`` peer sized to ``target`` parameters (robustflow's default preset if None),
     with ``depth`` blocks per stage (the preset's ``steps_per_stage`` if None) and the

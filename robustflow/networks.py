@@ -57,7 +57,8 @@ class NetworkConfig:
     Attributes:
         kind: ``"lipschitz"`` (expansive/contractive pairs, 1-Lipschitz) or ``"euler"``.
         channels: width of each stage; the grid halves between stages.
-        steps_per_stage: residual steps per stage (even for ``lipschitz``: pairs).
+        steps_per_stage: residual steps per stage (even for ``lipschitz``: pairs), one count for
+            every stage or one per stage; a stage with 0 keeps only its down-sampling.
         kernel_size: odd spatial size of the convolution kernels.
         expansive_kernel_size: odd kernel size of the expansive steps' ``W`` (``None``: the
             same as ``kernel_size``; ``1``: an orthogonal channel mix, one 3×3 convolution
@@ -82,7 +83,7 @@ class NetworkConfig:
 
     kind: str = "lipschitz"
     channels: tuple[int, ...] = (16, 32, 64)
-    steps_per_stage: int = 2
+    steps_per_stage: int | tuple[int, ...] = 2
     kernel_size: int = 3
     expansive_kernel_size: int | None = None
     image_size: int = 32
@@ -108,8 +109,18 @@ class NetworkConfig:
             _positive("every entry of channels", c)
         if self.kind == "lipschitz" and min(self.channels) < 2:
             raise ValueError(f"orthogonal convolutions need ≥ 2 channels, got {self.channels}")
-        _positive("steps_per_stage", self.steps_per_stage)
-        if self.kind == "lipschitz" and self.steps_per_stage % 2:
+        if isinstance(self.steps_per_stage, list):
+            object.__setattr__(self, "steps_per_stage", tuple(self.steps_per_stage))
+        if isinstance(self.steps_per_stage, tuple):
+            if len(self.steps_per_stage) != len(self.channels):
+                raise ValueError(f"steps_per_stage names {len(self.steps_per_stage)} stages for "
+                                 f"{len(self.channels)} widths {self.channels}")
+            if any(int(n) != n or n < 0 for n in self.steps_per_stage) or not any(self.steps_per_stage):
+                raise ValueError(f"steps_per_stage must be counts ≥ 0, not all 0, got "
+                                 f"{self.steps_per_stage}")
+        else:
+            _positive("steps_per_stage", self.steps_per_stage)
+        if self.kind == "lipschitz" and any(n % 2 for n in self.stage_steps):
             raise ValueError(
                 f"steps_per_stage must be even for kind='lipschitz' (expansive/contractive "
                 f"pairs), got {self.steps_per_stage}"
@@ -136,6 +147,13 @@ class NetworkConfig:
             raise ValueError(f"orthogonal_map must be one of {ORTHOGONAL_MAPS}, got {self.orthogonal_map!r}")
         if len(self.mean) != self.in_channels:
             raise ValueError(f"mean has {len(self.mean)} entries for {self.in_channels} channels")
+
+    @property
+    def stage_steps(self) -> tuple[int, ...]:
+        """Residual steps of each stage."""
+        if isinstance(self.steps_per_stage, tuple):
+            return self.steps_per_stage
+        return (self.steps_per_stage,) * len(self.channels)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,10 +207,10 @@ def preset(name: str, **overrides: Any) -> NetworkConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def _lipschitz_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequential:
+def _lipschitz_stage(cfg: NetworkConfig, channels: int, size: int, steps: int) -> nn.Sequential:
     pairs = []
     k_e = cfg.kernel_size if cfg.expansive_kernel_size is None else cfg.expansive_kernel_size
-    for _ in range(cfg.steps_per_stage // 2):
+    for _ in range(steps // 2):
         w = OrthogonalConv(channels, size, k_e, orthogonal_map=cfg.orthogonal_map)
         a = OrthogonalConv(channels, size, cfg.kernel_size, orthogonal_map=cfg.orthogonal_map)
         expansive, contractive = ExpansiveStep(w, None), ContractiveStep(a, None)
@@ -202,7 +220,7 @@ def _lipschitz_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequent
     return nn.Sequential(*pairs)
 
 
-def _euler_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequential:
+def _euler_stage(cfg: NetworkConfig, channels: int, size: int, steps: int) -> nn.Sequential:
     return nn.Sequential(
         *(
             EulerStep(
@@ -210,7 +228,7 @@ def _euler_stage(cfg: NetworkConfig, channels: int, size: int) -> nn.Sequential:
                 ConvOperator(channels, channels, size, cfg.kernel_size),
                 cfg.euler_step,
             )
-            for _ in range(cfg.steps_per_stage)
+            for _ in range(steps)
         )
     )
 
@@ -235,8 +253,8 @@ class ImageClassifier(nn.Sequential):
         mix = dict(orthogonal=orthogonal, orthogonal_map=config.orthogonal_map)
         parts["lift"] = ChannelMix(pixels, config.channels[0], size, **mix)
         widths = list(config.channels)
-        for i, width in enumerate(widths, start=1):
-            parts[f"stage{i}"] = stage(config, width, size)
+        for i, (width, steps) in enumerate(zip(widths, config.stage_steps, strict=True), start=1):
+            parts[f"stage{i}"] = stage(config, width, size, steps)
             next_width = widths[i] if i < len(widths) else width
             parts[f"down{i}"] = nn.Sequential(
                 nn.PixelUnshuffle(2),

@@ -101,6 +101,17 @@ def test_peer_parameter_count_is_matched(kind: str) -> None:
     assert abs(count - target) / target < 0.25
 
 
+@pytest.mark.parametrize("kind", PEERS)
+def test_peer_mirrors_a_preset_with_one_count_per_stage(kind: str) -> None:
+    model, info = build_peer(kind, target=50_000, depth=(2, 0, 2))
+    assert info["depth"] == (2, 0, 2) and len(model.stage2) == 0
+    assert len(model.stage1) == len(model.stage3) > 0
+    uniform = BUILDERS[kind](info["width"], 2, stem=info["stem"])
+    assert count_parameters(model) < count_parameters(uniform)
+    with pytest.raises(ValueError, match="2 block counts for 3 stages"):
+        BUILDERS[kind](4, (2, 2))
+
+
 def test_own_certificate_is_margin_over_sqrt2() -> None:
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
     labels = torch.tensor([0, 0])

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+from robustflow.data import ImageSet
+from robustflow.evaluation import certify_dataset
 from robustflow.export import export_plain
 from robustflow.networks import (
     EulerMLP,
@@ -35,7 +37,10 @@ def _max_jacobian_norm(model: torch.nn.Module, shape: tuple[int, ...], points: i
      dict(orthogonal_map="cayley"), dict(expansive_kernel_size=1),
      # the default preset's steps: h_C up to 1.9 under the exact rule
      dict(orthogonal_map="cayley", expansive_kernel_size=1, pair_rule="exact", h_c_range=(0.15, 1.9)),
-     dict(kind="euler", stem="unshuffle", channels=(8, 8))],
+     dict(kind="euler", stem="unshuffle", channels=(8, 8)),
+     # one count per stage; the first stage has no pair, only its down-sampling
+     dict(steps_per_stage=(0, 2), pair_rule="exact", h_c_range=(0.15, 1.9)),
+     dict(kind="euler", steps_per_stage=(2, 0))],
 )
 def test_small_image_model_bound_holds_before_and_after_training(overrides: dict) -> None:
     model = build_model(preset("tiny", **TWO_CHANNEL, **overrides)).double()
@@ -63,6 +68,32 @@ def test_expansive_kernel_size_sets_only_the_expansive_operator() -> None:
     assert pair.expansive.W.kernel().shape[-2:] == (1, 1)
     assert pair.contractive.A.kernel().shape[-2:] == (3, 3)
     assert NetworkConfig.from_dict(model.config.to_dict()) == model.config
+
+
+def test_steps_per_stage_may_name_each_stage() -> None:
+    cfg = preset("micro", steps_per_stage=[2, 0])  # a list, as JSON gives it
+    assert cfg.steps_per_stage == (2, 0) and cfg.stage_steps == (2, 0)
+    assert preset("micro").stage_steps == (2, 2)
+    model = build_model(cfg)
+    assert len(model.stage1) == 1 and len(model.stage2) == 0
+    assert NetworkConfig.from_dict(cfg.to_dict()) == cfg
+    again = build_model(NetworkConfig.from_dict(cfg.to_dict()))
+    again.load_state_dict(model.state_dict())  # the same parameters, stage by stage
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(again(x), model(x))
+    # certify bounds the empty stage as the identity, float32 rounding included
+    images = ImageSet(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.arange(6))
+    report = certify_dataset(model.eval(), images, [("0.1", 0.1)], progress=False)
+    assert report.lipschitz_bound <= 1 + 1e-5
+    with torch.no_grad():
+        logits = model(images.images.double().div(255).float()).double()
+        weights = model.head.weight.double()
+    predicted = logits.argmax(1)
+    assert torch.equal(torch.as_tensor(report.predictions), predicted)
+    for i, p in enumerate(predicted):  # no radius beyond the exact pairwise one
+        others = [j for j in range(10) if j != p]
+        exact = min((logits[i, p] - logits[i, j]) / (weights[p] - weights[j]).norm() for j in others)
+        assert 0 <= report.radii[i] <= float(exact) / report.lipschitz_bound + 1e-6
 
 
 def test_paper_preset_has_the_papers_layout() -> None:
@@ -127,6 +158,10 @@ def test_config_round_trip_and_validation() -> None:
     for bad, fragment in [
         (dict(kind="resnet"), "kind must be one of"),
         (dict(steps_per_stage=3), "must be even"),
+        (dict(steps_per_stage=(2, 1, 2)), "must be even"),
+        (dict(steps_per_stage=(2, 2)), "names 2 stages for 3 widths"),
+        (dict(steps_per_stage=(0, 0, 0)), "not all 0"),
+        (dict(steps_per_stage=(2, -2, 2)), "counts ≥ 0"),
         (dict(channels=(16, 0)), "positive integer"),
         (dict(image_size=30), "divisible"),
         (dict(channels=(4, 32)), "quadruple"),
