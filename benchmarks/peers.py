@@ -209,7 +209,7 @@ def _stage_widths(width: int, stages: int) -> list[int]:
     return [width * 2 ** min(i, 2) for i in range(stages)]
 
 
-def _stage_counts(per_stage: int | tuple[int, ...], stages: int) -> tuple[int, ...]:
+def stage_counts(per_stage: int | tuple[int, ...], stages: int) -> tuple[int, ...]:
     """Blocks of each stage: one count for all, or one per stage (robustflow's ``steps_per_stage``)."""
     if isinstance(per_stage, int):
         return (per_stage,) * stages
@@ -240,7 +240,7 @@ def build_sll(width: int = 16, blocks_per_stage: int | tuple[int, ...] = 2, stag
         parts["unshuffle"] = nn.PixelUnshuffle(2)
         size, pixels = size // 2, 12
     parts["lift"] = AdaptiveOrthoConv2d(pixels, widths[0], kernel_size=1, bias=False)
-    counts = _stage_counts(blocks_per_stage, stages)
+    counts = stage_counts(blocks_per_stage, stages)
     for i, (c, blocks) in enumerate(zip(widths, counts, strict=True), start=1):
         parts[f"stage{i}"] = nn.Sequential(*(SLLBlock(c, size, inner_factor) for _ in range(blocks)))
         nxt = widths[i] if i < len(widths) else c
@@ -275,7 +275,7 @@ def build_torchlip(width: int = 16, convs_per_stage: int | tuple[int, ...] = 2, 
         parts["unshuffle"] = InvertibleDownSampling(2)
         size, pixels = size // 2, 12
     parts["lift"] = nn.Sequential(SpectralConv2d(pixels, widths[0], 3, padding=1), GroupSort2())
-    counts = _stage_counts(convs_per_stage, stages)
+    counts = stage_counts(convs_per_stage, stages)
     for i, (c, convs) in enumerate(zip(widths, counts, strict=True), start=1):
         layers: list[nn.Module] = []
         for _ in range(convs):

@@ -62,6 +62,7 @@ from benchmarks.peers import (  # noqa: E402
     count_parameters,
     export_peer,
     own_radius,
+    stage_counts,
     train_budgeted,
 )
 from certify import Certifier  # noqa: E402
@@ -511,15 +512,15 @@ def section_scaling(ctx: Context) -> dict:
     widths = [int(w) for w in str(args.scale_widths).split(",")]
     base = preset(TrainConfig().preset)
     peer_widths = {name: build_peer(name, depth=base.steps_per_stage)[1]["width"] for name in PEERS}
+    stages = len(base.channels)
     configs = sorted({(d, 1) for d in depths} | {(base.steps_per_stage, w) for w in widths},
-                     key=lambda c: (max(base.stage_steps) if c[0] == base.steps_per_stage else c[0],
-                                    str(c[0]), c[1]))
+                     key=lambda c: (stage_counts(c[0], stages), c[1]))
     rows = []
     for name in MODELS:
         for depth, mult in configs:
             torch.manual_seed(0)
             if name == "robustflow":
-                if any(n % 2 for n in (depth if isinstance(depth, tuple) else (depth,))):
+                if any(n % 2 for n in stage_counts(depth, stages)):
                     continue
                 channels = tuple(c * mult for c in base.channels)
                 model = build_model(preset(TrainConfig().preset, steps_per_stage=depth,
