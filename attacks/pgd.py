@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import NORMS, Attack, is_adversarial, per_sample, project
+from ._common import check_finite, check_norm, generator, steepest
+from .base import Attack, is_adversarial, project
 
 
 class PGD(Attack):
@@ -42,8 +43,6 @@ class PGD(Attack):
         random_start: bool = True,
         seed: int | None = None,
     ):
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
         if restarts > 1 and not random_start:
@@ -51,7 +50,7 @@ class PGD(Attack):
         rel_stepsize = 2.5 / steps if rel_stepsize is None else rel_stepsize
         if not rel_stepsize > 0:
             raise ValueError(f"rel_stepsize must be > 0, got {rel_stepsize}")
-        self.norm = norm
+        self.norm = check_norm(norm)
         self.steps = steps
         self.restarts = restarts
         self.rel_stepsize = rel_stepsize
@@ -67,13 +66,8 @@ class PGD(Attack):
         target: Tensor | None,
         active: Tensor,
     ) -> list[Tensor]:
-        if not math.isfinite(max(epsilons)):
-            raise ValueError("PGD needs finite epsilons")
-        generator = torch.Generator(device=x.device)
-        if self.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.seed)
+        check_finite(epsilons, "PGD")
+        gen = generator(self.seed, x.device)
         index = active.nonzero().squeeze(1)
         x0, y = x[index], labels[index]
         t = None if target is None else target[index]
@@ -85,7 +79,7 @@ class PGD(Attack):
                 todo = ~fooled
                 start = x0[todo]
                 if self.random_start:  # drawn for the whole batch, then indexed
-                    start = start + eps * self._uniform_ball(x.shape, generator)[index][todo]
+                    start = start + eps * self._uniform_ball(x.shape, gen)[index][todo]
                 if not todo.any():
                     continue
                 best[todo], fooled[todo] = self._ascend(
@@ -114,21 +108,15 @@ class PGD(Attack):
             loss = F.cross_entropy(logits, classes[alive], reduction="sum")
             (grad,) = torch.autograd.grad(loss, xa)
             alive, xa, grad = alive[~hit], xa.detach()[~hit], grad[~hit]
-            x[alive] = project(x0[alive], xa + sign * step * self._direction(grad), eps, self.norm)
+            x[alive] = project(x0[alive], xa + sign * step * steepest(grad, self.norm), eps, self.norm)
         return x, fooled
 
-    def _direction(self, grad: Tensor) -> Tensor:
-        """Steepest-ascent direction of unit norm: ``g / ‖g‖₂`` or ``sign g``."""
-        if self.norm == "linf":
-            return grad.sign()
-        return grad / per_sample(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
-
-    def _uniform_ball(self, shape: torch.Size, generator: torch.Generator) -> Tensor:
+    def _uniform_ball(self, shape: torch.Size, gen: torch.Generator) -> Tensor:
         """Uniform samples in the unit ball; L2 by dropping 2 coordinates of a uniform point
         on the sphere S^{d+1} (Voelker et al., 2017), as foolbox does."""
-        device = generator.device
+        device = gen.device
         if self.norm == "linf":
-            return 2 * torch.rand(shape, generator=generator, device=device) - 1
+            return 2 * torch.rand(shape, generator=gen, device=device) - 1
         d = math.prod(shape[1:])
-        z = torch.randn(shape[0], d + 2, generator=generator, device=device)
+        z = torch.randn(shape[0], d + 2, generator=gen, device=device)
         return (z / z.norm(dim=1, keepdim=True))[:, :d].reshape(shape)
