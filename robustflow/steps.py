@@ -358,13 +358,9 @@ def skew_row_sum_matrix(n: int) -> Tensor:
     return m.reshape(n, n * n)
 
 
-class MassPreservingStep(nn.Module):
-    """``x⁺ = x + h (A_θ(x) − A_θ(x)ᵀ) 𝟙`` with ``vec(A_θ(x)) = Σ(U x + u)``.
-
-    ``A − Aᵀ`` is skew, so ``𝟙ᵀ(A − Aᵀ)𝟙 = 0``: the mass ``Σ_i x_i`` is unchanged
-    (explicit Euler keeps every linear invariant). Bound: ``Lip ≤ 1 + h ‖M‖ ‖U‖`` with
-    ``M`` from :func:`skew_row_sum_matrix` (``‖M‖`` computed exactly).
-    """
+class _MatrixFieldStep(nn.Module):
+    """A step driven by a state-dependent matrix ``A_θ(x)`` with ``vec A_θ(x) = Σ(U x + u)``,
+    ``U`` dense and unconstrained; input ``(batch, dim)``."""
 
     def __init__(self, dim: int, step_size: float = 0.5):
         super().__init__()
@@ -373,9 +369,22 @@ class MassPreservingStep(nn.Module):
         self.u = nn.Parameter(torch.zeros(dim * dim))
         self.register_buffer("step_size", _step_size(step_size, "step_size"))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def field(self, x: Tensor) -> Tensor:
+        """``A_θ(x)``, shape ``(batch, dim, dim)``."""
         _check_input(x, (self.dim,), type(self).__name__)
-        a = sigma(self.U(x) + self.u).view(-1, self.dim, self.dim)
+        return sigma(self.U(x) + self.u).view(-1, self.dim, self.dim)
+
+
+class MassPreservingStep(_MatrixFieldStep):
+    """``x⁺ = x + h (A_θ(x) − A_θ(x)ᵀ) 𝟙`` with ``vec(A_θ(x)) = Σ(U x + u)``.
+
+    ``A − Aᵀ`` is skew, so ``𝟙ᵀ(A − Aᵀ)𝟙 = 0``: the mass ``Σ_i x_i`` is unchanged
+    (explicit Euler keeps every linear invariant). Bound: ``Lip ≤ 1 + h ‖M‖ ‖U‖`` with
+    ``M`` from :func:`skew_row_sum_matrix` (``‖M‖`` computed exactly).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.field(x)
         return x + self.step_size * (a.sum(dim=2) - a.sum(dim=1))
 
     def lipschitz_bound(self) -> float:
@@ -414,7 +423,7 @@ class GradientStep(nn.Module):
         return max(abs(1.0 - h * hi**2), abs(1.0 - h * SIGMA_MIN_SLOPE * lo**2))
 
 
-class SpherePreservingStep(nn.Module):
+class SpherePreservingStep(_MatrixFieldStep):
     """``x⁺ = cay(h S_θ(x)) x``: a step of ``x' = S_θ(x) x``, ``S_θ = A_θ − A_θᵀ``, ``vec A_θ = Σ(Ux + u)``.
 
     ``S_θ(x)`` is skew, so ``xᵀ x' = 0``: the field is tangent to the spheres ``‖x‖ = r``.
@@ -429,17 +438,9 @@ class SpherePreservingStep(nn.Module):
     about 1e-6 over 100 steps, float64 to about 1e-14). Input: ``(batch, dim)``.
     """
 
-    def __init__(self, dim: int, step_size: float = 0.5):
-        super().__init__()
-        self.dim = _positive("dim", dim)
-        self.U = DenseOperator(dim, dim * dim, orthogonal=False)
-        self.u = nn.Parameter(torch.zeros(dim * dim))
-        self.register_buffer("step_size", _step_size(step_size, "step_size"))
-
     def skew(self, x: Tensor) -> Tensor:
         """``S_θ(x) = A_θ(x) − A_θ(x)ᵀ``, shape ``(batch, dim, dim)``."""
-        _check_input(x, (self.dim,), type(self).__name__)
-        a = sigma(self.U(x) + self.u).view(-1, self.dim, self.dim)
+        a = self.field(x)
         return a - a.transpose(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
