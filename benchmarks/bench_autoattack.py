@@ -9,7 +9,9 @@ Square's budget for both (default: the paper's 5,000). Ours skips the points tha
 proves robust at ε (only L2 certificates exist, so L∞ points are all attacked);
 ``--no-skip-too`` also times ours without that, to measure what the skipping saves. Every L2
 row counts the certified points that torchattacks (which attacks every point) and ours without
-skipping broke: a sound certificate keeps both counts at 0.
+skipping broke: a sound certificate keeps both counts at 0. Every row also counts the images
+each side sent through the model, with and without a gradient: where the two evaluate about as
+many images, only a faster evaluation of the same model could make one faster.
 
     python benchmarks/bench_autoattack.py --n 1000
     python benchmarks/bench_autoattack.py --n 100 --queries 1000 --models lipschitz --eps l2:0.3
@@ -81,6 +83,35 @@ def bundled_plain(name: str) -> nn.Module:
     return model
 
 
+class CountingModel(nn.Module):
+    """``model`` unchanged, counting the images it evaluates: ``gradient`` those whose input
+    requires a gradient (a forward and, as a rule, a backward pass), ``forward`` the others."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_images = 0
+        self.gradient_images = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.gradient_images += len(x)
+        else:
+            self.forward_images += len(x)
+        return self.model(x)
+
+    def counts(self) -> dict[str, int]:
+        return {"forward": self.forward_images, "gradient": self.gradient_images}
+
+
+def _counted(work: Callable[..., Any], model: nn.Module, *args: Any, **kwargs: Any
+             ) -> tuple[Any, float, float, dict[str, int]]:
+    """:func:`_clock` of ``work(counting model, *args, **kwargs)`` and the images it evaluated."""
+    counting = CountingModel(model).eval()
+    result, seconds, cpu = _clock(work, counting, *args, **kwargs)
+    return result, seconds, cpu, counting.counts()
+
+
 def certified_radii(model: nn.Module, images: Tensor, labels: Tensor, batch: int,
                     epsilons: list[float]) -> Tensor:
     """robustflow's proven L2 radii (0 for misclassified points), with the decisions at
@@ -125,6 +156,10 @@ def theirs(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps: flo
     return torch.cat(robust)
 
 
+def _evaluations(counts: dict[str, int]) -> str:
+    return f"{counts['forward']:,} images evaluated, {counts['gradient']:,} with a gradient"
+
+
 def robust_points(robust: Tensor) -> list[int]:
     """Indices of the robust points: what lets two half-rows of a cell be joined."""
     return torch.nonzero(robust).flatten().tolist()
@@ -159,15 +194,15 @@ def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[t
             line = (f"{name:9s} {norm:4s} {label:7s} clean {row['clean']:.1%} certified "
                     f"{row['certified']:.1%}")
             if with_ours:
-                (robust, broken), seconds, cpu = _clock(ours, model, images, labels, norm, eps,
-                                                        skip, **budget)
+                (robust, broken), seconds, cpu, evals = _counted(ours, model, images, labels,
+                                                                 norm, eps, skip, **budget)
                 paid = (certify_s, certify_cpu) if skip.any() else (0.0, 0.0)  # where it skips
                 row |= {"ours": robust.float().mean().item(), "ours_s": seconds + paid[0],
                         "ours_cpu_s": cpu + paid[1], "certify_s": paid[0], "ours_broken_by": broken,
-                        "ours_robust_points": robust_points(robust)}
+                        "ours_robust_points": robust_points(robust), "ours_evaluations": evals}
                 line += (f" | ours {row['ours']:.1%} in {row['ours_cpu_s']:.0f} CPU s "
                          f"({row['ours_s']:.0f} s wall; certification {paid[1]:.1f} CPU s "
-                         f"included; broken by {broken})")
+                         f"included; broken by {broken}; {_evaluations(evals)})")
             if with_ours and no_skip_too and skip.any():
                 (again, _), plain_s, plain_cpu = _clock(ours, model, images, labels, norm, eps,
                                                         torch.zeros_like(skip), **budget)
@@ -178,15 +213,16 @@ def compare(models: list[str], images: Tensor, labels: Tensor, eps_items: list[t
                          f"({plain_s:.0f} s wall; certified points broken: "
                          f"{row['certified_broken_by_ours']})")
             if with_torchattacks:
-                their, their_s, their_cpu = _clock(theirs, model, images, labels, norm, eps,
-                                                   queries=queries, batch=batch)
+                their, their_s, their_cpu, their_evals = _counted(
+                    theirs, model, images, labels, norm, eps, queries=queries, batch=batch)
                 row |= {"torchattacks": their.float().mean().item(), "torchattacks_s": their_s,
                         "torchattacks_cpu_s": their_cpu,
                         "torchattacks_robust_points": robust_points(their),
-                        "certified_broken_by_torchattacks": int((skip & ~their).sum())}
+                        "certified_broken_by_torchattacks": int((skip & ~their).sum()),
+                        "torchattacks_evaluations": their_evals}
                 line += (f" | torchattacks {row['torchattacks']:.1%} in {their_cpu:.0f} CPU s "
                          f"({their_s:.0f} s wall; certified points broken: "
-                         f"{row['certified_broken_by_torchattacks']})")
+                         f"{row['certified_broken_by_torchattacks']}; {_evaluations(their_evals)})")
             if with_ours and with_torchattacks:
                 row |= {"both_robust": (robust & their).float().mean().item(),
                         "speedup_cpu": their_cpu / row["ours_cpu_s"]}

@@ -286,6 +286,9 @@ def test_run_all_autoattack_section_compares_with_torchattacks(tmp_path: Path) -
             assert round(r[key] * 12, 4) == int(round(r[key] * 12))  # a count of images
         assert r["certified"] <= r["ours"] <= r["clean"] and r["torchattacks"] <= r["clean"]
         assert r["speedup_cpu"] == pytest.approx(r["torchattacks_cpu_s"] / r["ours_cpu_s"])
+        for side in ("ours", "torchattacks"):  # each evaluates every image at least once
+            evaluations = r[f"{side}_evaluations"]
+            assert evaluations["forward"] + evaluations["gradient"] >= 12
         if r["norm"] == "l2":  # torchattacks attacks every point, and so does ours unskipped
             assert r["certified_broken_by_torchattacks"] == 0
             assert r.get("certified_broken_by_ours", 0) == 0
@@ -295,6 +298,23 @@ def test_run_all_autoattack_section_compares_with_torchattacks(tmp_path: Path) -
     assert speed["met"] == (min(r["speedup_cpu"] for r in rows) >= 1.5)
     assert sound["met"] and sound["detail"].count(" 0 of ") == 2  # the 1-Lipschitz model's L2 ε
     assert "## 6. AutoAttack against torchattacks" in (out / "RESULTS.md").read_text()
+
+
+def test_counting_model_counts_images_with_and_without_gradient() -> None:
+    """The AutoAttack benchmark's counter leaves outputs unchanged and tells gradient
+    evaluations (input requiring a gradient, gradients enabled) from plain ones."""
+    from benchmarks.bench_autoattack import CountingModel
+
+    model = torch.nn.Linear(4, 3)
+    counting = CountingModel(model)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.equal(counting(x), model(x))
+    counting(x.clone().requires_grad_()).sum().backward()
+    counting(torch.randn(2, 4))  # gradients enabled, but the input needs none
+    with torch.no_grad():
+        counting(x.clone().requires_grad_())
+    assert counting.counts() == {"forward": 12, "gradient": 5}
 
 
 def test_run_all_autoattack_section_takes_cells_measured_one_per_call(tmp_path: Path) -> None:
