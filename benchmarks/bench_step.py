@@ -23,9 +23,10 @@ from robustflow.train import TrainConfig, optimizer_step
 def step_seconds(name: str, batch: int, repeats: int) -> dict:
     """Mean seconds of one training step of preset ``name`` on a random batch."""
     cfg = TrainConfig()
-    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature)
     torch.manual_seed(0)
     model = build_model(preset(name))
+    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature,
+                        model=model)
     optimizer = torch.optim.Adam(model.parameters(), cfg.lr)
     x, y = torch.rand(batch, *model.input_shape), torch.randint(0, 10, (batch,))
     for _ in range(2):

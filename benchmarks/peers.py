@@ -422,7 +422,8 @@ def train_budgeted(model: nn.Module, train_set: ImageSet, budget: float,
             nesterov=cfg.momentum > 0)
     else:
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature)
+    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature,
+                        model=model)
     sampler = DistributedSampler(range(len(train_set)), num_replicas=1, rank=0, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     steps_per_epoch = max(1, len(sampler) // cfg.batch_size)

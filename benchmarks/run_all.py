@@ -470,7 +470,8 @@ def step_cost(model: nn.Module, batch: int, repeats: int) -> dict:
     """Median seconds of one training step (forward, backward, Adam) and the bytes autograd
     saves for backward (distinct storages other than the parameters)."""
     cfg = TrainConfig()
-    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature)
+    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature,
+                        model=model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-4)
     generator = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ import numpy as np
 from certify import parse_epsilons
 from robustflow.console import line_buffered_output
 from robustflow.errors import UserError
+from robustflow.losses import LOSSES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=float, default=defaults.momentum)
     t.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     t.add_argument("--schedule", choices=("cosine", "step", "constant"), default=defaults.schedule)
-    t.add_argument("--loss", choices=("cce", "hinge", "ce"), default=defaults.loss,
-                   help="cce: certified cross-entropy (default); hinge: the paper's multi-class hinge")
+    t.add_argument("--loss", choices=LOSSES, default=defaults.loss,
+                   help="cce: certified cross-entropy; cce-pairwise: the same with the head's "
+                        "row distances; hinge: the paper's multi-class hinge")
     t.add_argument("--margin", type=float, default=defaults.margin, help="hinge margin m")
     t.add_argument("--train-eps", type=_one_eps, default=defaults.train_eps,
                    help="cce: ε whose certificate the loss aims for")

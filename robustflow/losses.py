@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def multiclass_hinge(logits: Tensor, labels: Tensor, margin: float = 0.15) -> Tensor:
@@ -30,15 +30,61 @@ def certified_cross_entropy(logits: Tensor, labels: Tensor, eps: float, lipschit
     return temperature * F.cross_entropy(shifted / temperature, labels)
 
 
-LOSSES = ("hinge", "cce", "ce")
+def row_distances(weight: Tensor) -> Tensor:
+    """``‖w_i − w_j‖₂`` for all rows of a head weight (``K × K``, differentiable, 0 on the
+    diagonal), from the Gram matrix: ``‖w_i‖² + ‖w_j‖² − 2 w_i·w_j``."""
+    gram = weight @ weight.T
+    norms = gram.diagonal()
+    squared = norms[:, None] + norms[None, :] - 2.0 * gram
+    off = ~torch.eye(len(weight), dtype=torch.bool, device=weight.device)
+    return squared.clamp_min(1e-12).sqrt() * off
 
 
-def make_loss(name: str, *, margin: float = 0.15, eps: float = 0.25, temperature: float = 0.25):
-    """A ``loss(logits, labels)`` by name: ``hinge``, ``cce`` (certified CE) or ``ce``."""
+def pairwise_certified_cross_entropy(logits: Tensor, labels: Tensor, head_weight: Tensor,
+                                     eps: float, lipschitz: float = 1.0,
+                                     temperature: float = 0.25) -> Tensor:
+    """``T · CE((f + L ε d_y) / T)`` with ``d_yj = ‖w_y − w_j‖`` the head's row distances.
+
+    Each rival logit is raised by the most a perturbation of size ε can move its gap to the
+    true one when the body is ``L``-Lipschitz, so a zero-loss point has the pairwise certificate
+    ``min_{j≠y} (f_y − f_j) / (L ‖w_y − w_j‖) > ε`` that ``certify`` proves, where
+    :func:`certified_cross_entropy` takes every ``‖w_y − w_j‖`` at its largest, ``√2`` for
+    ``‖W‖ ≤ 1``. The distances come from the live weight, so the head learns them too.
+    """
+    offsets = lipschitz * eps * row_distances(head_weight)[labels]
+    return temperature * F.cross_entropy((logits + offsets) / temperature, labels)
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The linear layer a model ends in (its last child, recursively): the certificate's head."""
+    part = model
+    while not isinstance(part, nn.Linear):
+        children = list(part.children())
+        if not children:
+            raise ValueError(f"the loss needs a model that ends in a linear layer; "
+                             f"{type(model).__name__} ends in {type(part).__name__}")
+        part = children[-1]
+    return part
+
+
+LOSSES = ("hinge", "cce", "cce-pairwise", "ce")
+
+
+def make_loss(name: str, *, margin: float = 0.15, eps: float = 0.25, temperature: float = 0.25,
+              model: nn.Module | None = None):
+    """A ``loss(logits, labels)`` by name: ``hinge``, ``cce`` (certified CE), ``cce-pairwise``
+    (certified CE with the head's row distances; needs the ``model``, read at every call) or
+    ``ce``."""
     if name == "hinge":
         return lambda f, y: multiclass_hinge(f, y, margin)
     if name == "cce":
         return lambda f, y: certified_cross_entropy(f, y, eps, 1.0, temperature)
+    if name == "cce-pairwise":
+        if model is None:
+            raise ValueError("the cce-pairwise loss needs the model whose head it reads")
+        head = final_linear(model)
+        return lambda f, y: pairwise_certified_cross_entropy(f, y, head.weight, eps, 1.0,
+                                                             temperature)
     if name == "ce":
         return lambda f, y: torch.nn.functional.cross_entropy(f, y)
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")

@@ -163,9 +163,9 @@ def optimizer_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x:
     """One training step: forward (each parametrised weight computed once), loss, backward,
     update; returns ``(logits, loss)``. A non-finite loss raises ``FloatingPointError``
     before the weights are touched."""
-    with parametrize.cached():
+    with parametrize.cached():  # the loss may read a parametrised weight too (cce-pairwise)
         logits = net(x)
-    loss = loss_fn(logits, y)
+        loss = loss_fn(logits, y)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {float(loss.detach())}")
     optimizer.zero_grad(set_to_none=True)
@@ -205,7 +205,8 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
                                     weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     else:
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature)
+    loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature,
+                        model=model)
 
     out = Path(cfg.out)
     start_epoch, step, history = 0, 0, []

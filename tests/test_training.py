@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import robustflow.train as train_module
-from certify import Certifier
+from certify import Certifier, pairwise_radius
 from robustflow.checkpoint import (
     FORMAT,
     atomic_torch_save,
@@ -29,7 +29,14 @@ from robustflow.checkpoint import (
 )
 from robustflow.data import ImageSet, write_cifar_folder
 from robustflow.errors import UserError
-from robustflow.losses import certified_cross_entropy, make_loss, multiclass_hinge
+from robustflow.losses import (
+    certified_cross_entropy,
+    final_linear,
+    make_loss,
+    multiclass_hinge,
+    pairwise_certified_cross_entropy,
+    row_distances,
+)
 from robustflow.networks import build_model, preset
 from robustflow.train import TrainConfig, TrainingDiverged, learning_rate, train
 from tests.conftest import synthetic_set
@@ -103,6 +110,70 @@ def test_certified_cross_entropy() -> None:
     assert make_loss("cce", eps=0.3, temperature=0.25)(logits, labels).item() == pytest.approx(values[2])
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss("mse")
+
+
+def test_row_distances_match_cdist_and_carry_gradients() -> None:
+    weight = torch.randn(10, 40, dtype=torch.float64, requires_grad=True)
+    d = row_distances(weight)
+    assert torch.allclose(d, torch.cdist(weight, weight).detach(), atol=1e-6)
+    assert torch.all(d.diagonal() == 0)
+    d.sum().backward()
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+def test_pairwise_cce_is_cce_for_orthonormal_rows_and_lower_for_closer_rows() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    rows = torch.linalg.qr(torch.randn(32, 10)).Q.T  # ‖w_i − w_j‖ = √2 for every pair
+    assert torch.allclose(pairwise_certified_cross_entropy(logits, labels, rows, 0.3),
+                          certified_cross_entropy(logits, labels, 0.3), atol=1e-6)
+    # rows as close as a norm-1 head allows for some pairs: every offset ≤ √2 ε, so a lower loss
+    closer = rows.clone()
+    closer[1] = (rows[0] + rows[1]) / math.sqrt(2.0)
+    assert pairwise_certified_cross_entropy(logits, labels, closer, 0.3) < \
+        certified_cross_entropy(logits, labels, 0.3)
+    # the offset of rival j is exactly ε ‖w_y − w_j‖
+    by_hand = logits + 0.3 * torch.cdist(closer, closer)[labels]
+    assert torch.allclose(pairwise_certified_cross_entropy(logits, labels, closer, 0.3, temperature=1.0),
+                          F.cross_entropy(by_hand, labels), atol=1e-5)
+
+
+def test_pairwise_cce_penalises_exactly_the_uncertified_pairs() -> None:
+    """With a steep temperature the loss vanishes iff certify's pairwise radius exceeds ε."""
+    torch.manual_seed(1)
+    head = torch.randn(10, 24, dtype=torch.float64)
+    head = head / torch.linalg.matrix_norm(head, ord=2)
+    features = torch.randn(200, 24, dtype=torch.float64)
+    logits, labels = features @ head.T, torch.randint(0, 10, (200,))
+    eps = 0.05
+    radius = pairwise_radius(logits, labels, 1.0, torch.cdist(head, head))
+    losses = torch.stack([pairwise_certified_cross_entropy(logits[i:i + 1], labels[i:i + 1], head,
+                                                           eps, temperature=1e-4) for i in range(200)])
+    certified = radius > eps
+    assert certified.any() and (~certified).any()
+    assert torch.all(losses[certified] < 1e-6)
+    assert torch.all(losses[~certified] > 0)
+
+
+def test_cce_pairwise_reads_the_model_head() -> None:
+    model = build_model(preset("micro"))
+    assert final_linear(model) is model.head
+    loss = make_loss("cce-pairwise", eps=0.2, temperature=0.25, model=model)
+    logits, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    expected = pairwise_certified_cross_entropy(logits, labels, model.head.weight, 0.2)
+    assert torch.allclose(loss(logits, labels), expected)
+    with pytest.raises(ValueError, match="needs the model"):
+        make_loss("cce-pairwise")
+    with pytest.raises(ValueError, match="ends in a linear layer; Sequential ends in ReLU"):
+        make_loss("cce-pairwise", model=torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()))
+
+
+def test_training_with_the_pairwise_loss(tmp_path, sets) -> None:
+    model, record = train(config(tmp_path / "p.pt", loss="cce-pairwise", epochs=1, val_size=0),
+                          train_set=sets[0], log=lambda _: None)
+    assert record["train"]["loss"] == "cce-pairwise"
+    assert math.isfinite(record["history"][0]["train_loss"])
+    assert model.lipschitz_bound() <= 1.0
 
 
 @pytest.mark.parametrize("schedule, expected", [
