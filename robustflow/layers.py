@@ -90,14 +90,15 @@ class NormalizedLinear(nn.Linear):
 
 
 def fold_bound_excess(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """Scale the last :class:`NormalizedLinear` by ``1/L`` when the proven bound ``L`` of
-    ``model`` exceeds 1, and return the factor (1 if nothing was done).
+    """Scale the last :class:`NormalizedLinear` (weight and bias) by ``1/L`` when the proven
+    bound ``L`` of ``model`` exceeds 1, and return the factor (1 if nothing was done).
 
     Orthogonal weights are orthogonal only up to float32 rounding, and the proven bound honestly
     includes it (e.g. ``1 + 6e-5`` after a long run); folding the excess into the head brings the
-    bound to ≤ 1, at the price of logits smaller by the same factor. The scale is a float32, so
-    ``scale / L`` can round up: the bound is recomputed and the scale lowered by a few ulps more
-    until the proven bound is ≤ 1.
+    bound to ≤ 1. The logits become ``f / L``, so predictions and pairwise radii
+    ``(f_y − f_j) / ‖w_y − w_j‖`` stay as they were. The scale is a float32, so ``scale / L``
+    can round up: the bound is recomputed and the scale lowered by a few ulps more until the
+    proven bound is ≤ 1.
     """
     from certify import lipschitz_bound
 
@@ -110,7 +111,11 @@ def fold_bound_excess(model: nn.Module, input_shape: tuple[int, ...]) -> float:
     margin = 0.0
     for _ in range(16):
         if bound <= 1.0:
-            return float((scale.detach().double() / before).min())
+            factor = float((scale.detach().double() / before).min())
+            if heads[-1].bias is not None:
+                with torch.no_grad():
+                    heads[-1].bias.mul_(factor)
+            return factor
         with torch.no_grad():
             scale.div_(bound * (1.0 + margin))
         margin = max(2.0 * margin, 2.0 ** -23)
