@@ -18,6 +18,7 @@ import torch
 from robustflow.console import line_buffered_output
 from robustflow.data import load_cifar10
 from robustflow.evaluation import certify_dataset
+from robustflow.losses import LOSSES
 from robustflow.train import TrainConfig, train
 
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--preset", default=TrainConfig.preset)
     parser.add_argument("--kind", default=TrainConfig.kind)
     parser.add_argument("--augment", action="store_true", help="crop + flip (default off)")
+    parser.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
     parser.add_argument("--train-eps", type=float, default=TrainConfig.train_eps,
                         help="margin of the certified loss")
     parser.add_argument("--temperature", type=float, default=TrainConfig.temperature,
@@ -39,15 +41,15 @@ def main() -> None:
     args = parser.parse_args()
     cfg = dataclasses.replace(TrainConfig(), preset=args.preset, kind=args.kind, epochs=1000,
                               time_budget=args.budget, out=args.out, progress=False,
-                              augment=args.augment, train_eps=args.train_eps,
+                              augment=args.augment, loss=args.loss, train_eps=args.train_eps,
                               batch_size=args.batch_size, lr=args.lr,
                               temperature=args.temperature)
     model, record = train(cfg, data_root=args.data_root)
     test = load_cifar10(args.data_root, False)
     report = certify_dataset(model, test, [("36/255", 36 / 255), ("0.3", 0.3)], progress=False)
     metrics = record["metrics"]
-    print(f"preset {args.preset} ({args.kind}), {args.budget:.0f} s budget, training ε "
-          f"{args.train_eps:g}, temperature {args.temperature:g}, batch {args.batch_size}, "
+    print(f"preset {args.preset} ({args.kind}), {args.budget:.0f} s budget, loss {args.loss}, "
+          f"training ε {args.train_eps:g}, temperature {args.temperature:g}, batch {args.batch_size}, "
           f"lr {args.lr:g}, "
           f"{'crop + flip' if args.augment else 'no augmentation'}, "
           f"{torch.get_num_threads()} threads, {record['epoch']} epochs")

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "row distances; hinge: the paper's multi-class hinge")
     t.add_argument("--margin", type=float, default=defaults.margin, help="hinge margin m")
     t.add_argument("--train-eps", type=_one_eps, default=defaults.train_eps,
-                   help="cce: ε whose certificate the loss aims for")
+                   help="cce, cce-pairwise: ε whose certificate the loss aims for")
     t.add_argument("--temperature", type=float, default=defaults.temperature)
     t.add_argument("--eps", type=_one_eps, default=defaults.cert_eps, dest="cert_eps",
                    help="ε of the certified accuracy printed after each epoch (default 36/255)")

@@ -40,9 +40,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
-    loss: str = "cce"
+    loss: str = "cce-pairwise"
     margin: float = 0.15
-    train_eps: float = 0.35
+    train_eps: float = 0.15
     temperature: float = 0.25
     cert_eps: float = 36 / 255
     seed: int = 0
