@@ -16,6 +16,10 @@ patched slope; the float32 rounding bound still takes ``A x`` as exact, so this 
 ``--no-pair-in-stage S``: stage ``S`` (1, 2, …) keeps no residual pair (the down-sampling mixes
 stay), so its cost goes to more images per second; the same network as ``"steps_per_stage"``
 with 0 for that stage (added after these probes).
+
+The fifteenth session's pairwise-loss probes (``PAIR*`` in ``probes.jsonl``) ran this script with
+a flag that patched in the loss now built in as ``"loss": "cce-pairwise"`` (the same formula);
+``benchmarks/probe_recipe.py`` with that override reruns them.
 """
 
 from __future__ import annotations
