@@ -46,10 +46,11 @@ def pairwise_certified_cross_entropy(logits: Tensor, labels: Tensor, head_weight
     """``T · CE((f + L ε d_y) / T)`` with ``d_yj = ‖w_y − w_j‖`` the head's row distances.
 
     Each rival logit is raised by the most a perturbation of size ε can move its gap to the
-    true one when the body is ``L``-Lipschitz, so a zero-loss point has the pairwise certificate
-    ``min_{j≠y} (f_y − f_j) / (L ‖w_y − w_j‖) > ε`` that ``certify`` proves, where
-    :func:`certified_cross_entropy` takes every ``‖w_y − w_j‖`` at its largest, ``√2`` for
-    ``‖W‖ ≤ 1``. The distances come from the live weight, so the head learns them too.
+    true one when the body is ``L``-Lipschitz, so as ``T → 0`` the loss vanishes exactly on the
+    points with the pairwise certificate ``min_{j≠y} (f_y − f_j) / (L ‖w_y − w_j‖) > ε`` that
+    ``certify`` proves; :func:`certified_cross_entropy` takes every ``‖w_y − w_j‖`` at its
+    largest, ``√2`` for ``‖W‖ ≤ 1``. The distances come from the live weight, so the head
+    learns them too.
     """
     offsets = lipschitz * eps * row_distances(head_weight)[labels]
     return temperature * F.cross_entropy((logits + offsets) / temperature, labels)
