@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
 from certify import circular_conv_singular_values, singular_value_range
@@ -424,6 +425,8 @@ def train_budgeted(model: nn.Module, train_set: ImageSet, budget: float,
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature,
                         model=model)
+    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+                if cfg.ema else None)
     sampler = DistributedSampler(range(len(train_set)), num_replicas=1, rank=0, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     steps_per_epoch = max(1, len(sampler) // cfg.batch_size)
@@ -449,6 +452,8 @@ def train_budgeted(model: nn.Module, train_set: ImageSet, budget: float,
                 images = augment(images, gen)
             x, y = images.float().div_(255), train_set.labels[idx]
             logits, loss = optimizer_step(model, optimizer, loss_fn, x, y)  # as robustflow.train
+            if averaged is not None:
+                averaged.update_parameters(model)
             step += 1
             seen += len(y)
             hits += int((logits.argmax(1) == y).sum())
@@ -458,6 +463,8 @@ def train_budgeted(model: nn.Module, train_set: ImageSet, budget: float,
                 break
         epoch += 1
     seconds = time.monotonic() - started
+    if averaged is not None:  # the model trained in place is the average, as robustflow.train's
+        model.load_state_dict(averaged.module.state_dict())
     model.eval()
     return {"steps": step, "epochs": round(step / steps_per_epoch, 2), "seconds": round(seconds, 1),
             "images_per_second": round(step * cfg.batch_size / max(seconds, 1e-9), 1),

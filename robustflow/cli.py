@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-eps", type=_one_eps, default=defaults.train_eps,
                    help="cce, cce-pairwise: ε whose certificate the loss aims for")
     t.add_argument("--temperature", type=float, default=defaults.temperature)
+    t.add_argument("--ema", type=float, default=defaults.ema, metavar="DECAY",
+                   help="evaluate and save an exponential moving average of the weights with this "
+                        "decay (e.g. 0.999; default 0: the last weights)")
     t.add_argument("--eps", type=_one_eps, default=defaults.cert_eps, dest="cert_eps",
                    help="ε of the certified accuracy printed after each epoch (default 36/255)")
     t.add_argument("--seed", type=int, default=defaults.seed)

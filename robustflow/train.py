@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
@@ -44,6 +45,7 @@ class TrainConfig:
     margin: float = 0.15
     train_eps: float = 0.15
     temperature: float = 0.25
+    ema: float = 0.0
     cert_eps: float = 36 / 255
     seed: int = 0
     device: str = "auto"
@@ -70,6 +72,7 @@ class TrainConfig:
             (self.time_budget is None or self.time_budget > 0,
              f"--time-budget must be > 0 seconds, got {self.time_budget}"),
             (self.train_eps >= 0 and self.cert_eps >= 0, "ε values must be ≥ 0"),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1) (0: off), got {self.ema}"),
             (not (self.init and self.resume),
              "--init starts a new run from a checkpoint's weights and --resume continues --out; "
              "use one of them"),
@@ -207,11 +210,18 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature,
                         model=model)
+    # with --ema the model evaluated, saved and returned is the average θ̄ ← d θ̄ + (1 − d) θ of
+    # the unconstrained parameters: its weights are the same maps of them, so it is certified
+    # exactly as the trained one
+    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+                if cfg.ema else None)
+    result = model if averaged is None else averaged.module
 
     out = Path(cfg.out)
     start_epoch, step, history = 0, 0, []
     if cfg.resume:
-        start_epoch, step, history, start = _resume(out, model, optimizer, net_config, device)
+        start_epoch, step, history, start = _resume(out, model, optimizer, net_config, device,
+                                                    averaged)
         if world.main:
             log(f"resuming {out} after epoch {start_epoch}")
     if world.main and not cfg.resume and out.exists():
@@ -256,6 +266,8 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
                         if history else "no checkpoint was written")
                 raise TrainingDiverged(f"{err} at epoch {epoch + 1}, step {b + 1}; {kept}; "
                                        "try a lower --lr") from None
+            if averaged is not None:
+                averaged.update_parameters(model)
             step += 1
             seen += len(y)
             hits += int((logits.argmax(1) == y).sum())
@@ -274,26 +286,28 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
                    "images_per_second": round(images_now / max(train_time - earlier, 1e-9), 1)}
         if world.main:
             if val_set is not None:
-                metrics.update(evaluate(model, val_set, cfg.cert_eps, device))
+                metrics.update(evaluate(result, val_set, cfg.cert_eps, device))
             history.append(metrics)
             log(_epoch_line(metrics, cfg.cert_eps))
             record = _record(cfg, net_config, train_set, history, stopped, start)
             training = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch + 1,
                         "torch_rng": torch.get_rng_state()}
-            save_checkpoint(out, model, record, training)
+            if averaged is not None:  # the trained weights, the average being the model
+                training.update(weights=model.state_dict(), averaged=int(averaged.n_averaged))
+            save_checkpoint(out, result, record, training)
         if stopped:
             break
     if world.world > 1:
         dist.barrier()
-    model.eval()
+    result.eval()
     if world.main and history and history[-1]["epoch"] > start_epoch:
-        factor = fold_bound_excess(model, train_set.images.shape[1:]) \
+        factor = fold_bound_excess(result, train_set.images.shape[1:]) \
             if cfg.kind == "lipschitz" else 1.0
         if factor < 1.0:  # float32 rounding of the orthogonal weights, folded into the head
             record["bound_folded_into_head"] = factor
-            save_checkpoint(out, model, record, training)
+            save_checkpoint(out, result, record, training)
             log(f"proven bound was 1 + {1 / factor - 1:.2g}; head scaled by {factor:.8f}")
-    return model, record or _record(cfg, net_config, train_set, history, stopped, start)
+    return result, record or _record(cfg, net_config, train_set, history, stopped, start)
 
 
 def _epoch_line(m: dict[str, Any], eps: float) -> str:
@@ -352,12 +366,23 @@ def _initialise(model: nn.Module, path: Path, net_config: NetworkConfig,
 
 
 def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            net_config: NetworkConfig, device: torch.device) -> tuple[int, int, list, dict | None]:
+            net_config: NetworkConfig, device: torch.device,
+            averaged: AveragedModel | None = None) -> tuple[int, int, list, dict | None]:
     payload = load_checkpoint(path, device)
     if payload.get("training") is None:
         raise UserError(f"{path} holds no training state to resume from")
-    _load_same_network(payload, path, model, net_config, "resumed")
     record, training = payload["record"], payload["training"]
+    had_average = training.get("weights") is not None
+    if had_average != (averaged is not None):
+        was = f"with --ema {record['train'].get('ema')}" if had_average else "without --ema"
+        raise UserError(f"{path} was trained {was}; resume it with the same --ema")
+    if averaged is None:
+        _load_same_network(payload, path, model, net_config, "resumed")
+    else:
+        _load_same_network(payload, path, averaged.module, net_config, "resumed")
+        _load_same_network({**payload, "state_dict": training["weights"]}, path, model,
+                           net_config, "resumed")
+        averaged.n_averaged.fill_(int(training["averaged"]))
     optimizer.load_state_dict(training["optimizer"])
     torch.set_rng_state(training["torch_rng"])
     return (int(training["epoch"]), int(training["step"]), list(record.get("history", [])),

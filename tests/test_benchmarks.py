@@ -24,9 +24,11 @@ from benchmarks.peers import (
     own_radius,
     robustflow_parameters,
     sll_block_bound,
+    train_budgeted,
 )
 from certify import lipschitz_bound
 from robustflow.data import write_cifar_folder
+from robustflow.train import TrainConfig
 from tests.conftest import jacobian_norm, synthetic_set
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,6 +121,26 @@ def test_own_certificate_is_margin_over_sqrt2() -> None:
         radius, how = own_radius(kind, build_sll(2, 1, stages=1, image_size=2), logits, labels)
         assert radius.tolist() == pytest.approx([2 / math.sqrt(2), 0.0])
         assert "√2" in how or "VRA" in how
+
+
+def test_peers_train_with_the_recipes_weight_average() -> None:
+    """``train_budgeted`` with ``ema`` leaves the average in the model, as ``robustflow.train``
+    does: the same trained weights as without it, averaged step by step."""
+    data = synthetic_set(64, 0)
+    cfg = TrainConfig(epochs=2, batch_size=16, loss="cce", seed=0)
+    torch.manual_seed(0)
+    plain = build_sll(width=4, blocks_per_stage=1)
+    torch.manual_seed(0)
+    averaged = build_sll(width=4, blocks_per_stage=1)
+    first = {k: v.clone() for k, v in averaged.state_dict().items()}
+    metrics = train_budgeted(plain, data, 1e6, cfg)
+    train_budgeted(averaged, data, 1e6, TrainConfig(**{**cfg.__dict__, "ema": 0.5}))
+    assert metrics["steps"] == 8
+    moved = [k for k, v in plain.state_dict().items() if v.is_floating_point()
+             and not torch.equal(v, first[k])]
+    assert moved and all(not torch.allclose(averaged.state_dict()[k], plain.state_dict()[k])
+                         for k in moved)
+    assert lipschitz_bound(export_peer(averaged), (3, 32, 32)) <= 1 + 1e-5  # as trained peers
 
 
 @pytest.mark.parametrize("argv, out_dir, models_dir", [

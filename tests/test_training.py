@@ -9,7 +9,6 @@ import math
 import os
 import pickle
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from robustflow.losses import (
     row_distances,
 )
 from robustflow.networks import build_model, preset
-from robustflow.train import TrainConfig, TrainingDiverged, learning_rate, train
+from robustflow.train import TrainConfig, TrainingDiverged, evaluate, learning_rate, train
 from tests.conftest import synthetic_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -414,6 +413,67 @@ def test_resume_equals_uninterrupted(run, sets, tmp_path: Path, monkeypatch) -> 
         [h["train_loss"] for h in reference_record["history"]]
 
 
+def test_ema_model_is_the_average_of_the_trained_weights(run, sets, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    """--ema d: training follows the same weights as without it, and the model evaluated, saved
+    and returned is θ̄_t = d θ̄_{t−1} + (1 − d) θ_t (θ̄_1 = θ_1) over every step, recomputed
+    here by hand from the weights after each step."""
+    decay = 0.9
+    steps: list[dict[str, torch.Tensor]] = []
+    original = train_module.optimizer_step
+
+    def recording(net, optimizer, loss_fn, x, y):
+        result = original(net, optimizer, loss_fn, x, y)
+        steps.append({k: p.detach().clone() for k, p in net.named_parameters()})
+        return result
+
+    monkeypatch.setattr(train_module, "optimizer_step", recording)
+    out = tmp_path / "ema.pt"
+    model, record = train(config(out, ema=decay), train_set=sets[0], val_set=sets[1],
+                          log=lambda _: None)
+    trained = load_checkpoint(out)["training"]["weights"]
+    for key, value in run[0].state_dict().items():  # the trained weights are untouched by --ema
+        assert torch.equal(trained[key], value), key
+    expected = dict(steps[0])
+    for weights in steps[1:]:
+        for key in expected:
+            expected[key] = decay * expected[key] + (1 - decay) * weights[key]
+    got = dict(model.named_parameters())
+    assert len(steps) == 12 and got.keys() == expected.keys()
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], atol=1e-6), key
+    assert all(not torch.equal(got[key], trained[key]) for key in got)
+    assert model.lipschitz_bound() <= 1.0  # the same maps of averaged parameters: still bounded
+    saved = load_checkpoint(out)
+    assert record["train"]["ema"] == decay and saved["training"]["averaged"] == 12
+    assert record["metrics"]["clean_accuracy"] == evaluate(model, sets[1].subset(slice(0, 50)),
+                                                           36 / 255, torch.device("cpu"))["clean_accuracy"]
+
+
+def test_ema_resume_equals_uninterrupted(sets, tmp_path: Path, monkeypatch) -> None:
+    reference, _ = train(config(tmp_path / "whole.pt", ema=0.9), train_set=sets[0],
+                         val_set=None, log=lambda _: None)
+    out = tmp_path / "model.pt"
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise _Killed
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train(config(out, ema=0.9), train_set=sets[0], val_set=None, log=lambda _: None)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    with pytest.raises(UserError, match="trained with --ema 0.9; resume it with the same --ema"):
+        train(config(out, resume=True), train_set=sets[0], val_set=None, log=lambda _: None)
+    resumed, _ = train(config(out, ema=0.9, resume=True), train_set=sets[0], val_set=None,
+                       log=lambda _: None)
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
 def test_resume_errors(run, sets, tmp_path: Path) -> None:
     out = tmp_path / "copy.pt"
     out.write_bytes(run[2].read_bytes())
@@ -426,6 +486,8 @@ def test_resume_errors(run, sets, tmp_path: Path) -> None:
     save_checkpoint(bare, model, {"config": model.config.to_dict()})
     with pytest.raises(UserError, match="no training state"):
         train(config(bare, resume=True, val_size=0), train_set=sets[0], val_set=None)
+    with pytest.raises(UserError, match="trained without --ema; resume it with the same --ema"):
+        train(config(out, resume=True, ema=0.99, val_size=0), train_set=sets[0], val_set=None)
 
 
 def test_init_starts_a_new_run_from_a_checkpoints_weights(run, sets, tmp_path: Path,
@@ -528,7 +590,7 @@ def test_divergence_on_first_step_writes_nothing(sets, tmp_path: Path, monkeypat
     (dict(schedule="linear"), "--schedule"), (dict(loss="mse"), "--loss"), (dict(limit=0), "--limit"),
     (dict(val_size=-1), "--val-size"), (dict(time_budget=0.0), "--time-budget"),
     (dict(train_eps=-0.1), "ε values"), (dict(preset="huge"), "unknown preset"),
-    (dict(device="tpu"), "--device"),
+    (dict(device="tpu"), "--device"), (dict(ema=1.0), "--ema"), (dict(ema=-0.5), "--ema"),
 ])
 def test_config_validation(tmp_path: Path, bad: dict, match: str) -> None:
     cfg = config(tmp_path / "unused.pt", **{"val_size": 0, **bad})
@@ -540,20 +602,13 @@ def test_config_validation(tmp_path: Path, bad: dict, match: str) -> None:
 # ------------------------------------------------------------------ DDP
 
 
-def _free_port() -> int:
-    """A free local port for a torchrun rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes(tmp_path: Path, sets) -> None:
     write_cifar_folder(tmp_path / "cifar", *sets)
     out = tmp_path / "ddp" / "model.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    # --standalone: the rendezvous binds a free local port itself (no port chosen here to race for)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "robustflow.cli", "train", "--preset", "micro", "--data-root", str(tmp_path / "cifar"),
                "--epochs", "1", "--batch-size", "32", "--val-size", "20", "--device", "cpu",
                "--out", str(out), "--no-progress"]
@@ -572,7 +627,6 @@ def test_ddp_two_cpu_processes(tmp_path: Path, sets) -> None:
     # (a rank that stopped alone would leave the other waiting in all-reduce until the timeout)
     budgeted = [*command[:command.index("--epochs")], "--epochs", "400", "--time-budget", "2",
                 *command[command.index("--batch-size"):]]
-    budgeted[budgeted.index("--master_port") + 1] = str(_free_port())
     done = subprocess.run(budgeted, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(stopped: time budget)" in done.stdout
