@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
 from certify import circular_conv_singular_values, singular_value_range
@@ -38,7 +37,7 @@ from robustflow.data import ImageSet, augment
 from robustflow.layers import Centering
 from robustflow.losses import make_loss
 from robustflow.networks import CIFAR10_MEAN, build_model, preset
-from robustflow.train import TrainConfig, learning_rate, optimizer_step
+from robustflow.train import TrainConfig, learning_rate, optimizer_step, weight_average
 
 PEERS = ("sll", "torchlip")
 
@@ -425,8 +424,7 @@ def train_budgeted(model: nn.Module, train_set: ImageSet, budget: float,
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature,
                         model=model)
-    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-                if cfg.ema else None)
+    averaged = weight_average(model, cfg.ema)
     sampler = DistributedSampler(range(len(train_set)), num_replicas=1, rank=0, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     steps_per_epoch = max(1, len(sampler) // cfg.batch_size)

@@ -161,6 +161,15 @@ def evaluate(model: nn.Module, data: ImageSet, eps: float, device: torch.device,
             "lipschitz_bound": certifier.lipschitz}
 
 
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """The average ``θ̄ ← d θ̄ + (1 − d) θ`` of ``model``'s unconstrained parameters updated
+    after each step (``None`` for ``decay = 0``): its weights are the same maps of them, so it is
+    certified exactly as the trained model; with ``--ema`` it is the model evaluated and saved."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def optimizer_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: Tensor,
                    y: Tensor) -> tuple[Tensor, Tensor]:
     """One training step: forward (each parametrised weight computed once), loss, backward,
@@ -210,11 +219,7 @@ def train(cfg: TrainConfig, data_root: str | None = None, download: bool = False
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(cfg.loss, margin=cfg.margin, eps=cfg.train_eps, temperature=cfg.temperature,
                         model=model)
-    # with --ema the model evaluated, saved and returned is the average θ̄ ← d θ̄ + (1 − d) θ of
-    # the unconstrained parameters: its weights are the same maps of them, so it is certified
-    # exactly as the trained one
-    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-                if cfg.ema else None)
+    averaged = weight_average(model, cfg.ema)
     result = model if averaged is None else averaged.module
 
     out = Path(cfg.out)
@@ -376,10 +381,9 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if had_average != (averaged is not None):
         was = f"with --ema {record['train'].get('ema')}" if had_average else "without --ema"
         raise UserError(f"{path} was trained {was}; resume it with the same --ema")
-    if averaged is None:
-        _load_same_network(payload, path, model, net_config, "resumed")
-    else:
-        _load_same_network(payload, path, averaged.module, net_config, "resumed")
+    _load_same_network(payload, path, model if averaged is None else averaged.module, net_config,
+                       "resumed")
+    if averaged is not None:  # the trained weights, kept beside the average
         _load_same_network({**payload, "state_dict": training["weights"]}, path, model,
                            net_config, "resumed")
         averaged.n_averaged.fill_(int(training["averaged"]))
